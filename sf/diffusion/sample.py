@@ -46,7 +46,7 @@ def guided_net(
     ``scale == 0`` skips the unconditional forward.
     """
     if batched and set(cond) != set(uncond):
-        raise ValueError(f"batched guidance needs the same keys in cond and uncond, got {sorted(cond)} and {sorted(uncond)}")
+        raise ValueError(f"batched guidance needs the same keys in cond and uncond: {sorted(cond)} vs {sorted(uncond)}")
 
     def guided(x_t: Tensor, t: Tensor, **shared: Any) -> Tensor:
         """CFG-combined flow prediction."""
