@@ -246,14 +246,21 @@ def load_dit(
 
 def save_dit(model: VideoDiT, path: str | Path, fmt: str = "sf", extra_metadata: dict | None = None) -> Path:
     """Write weights as one safetensors file (our format carries its config); diffusers/wan also get config.json."""
+    return save_state_dict(model.state_dict(), model.cfg, path, fmt, extra_metadata)
+
+
+def save_state_dict(
+    state: dict[str, torch.Tensor], cfg: DiTConfig, path: str | Path, fmt: str = "sf", extra_metadata: dict | None = None
+) -> Path:
+    """Write a VideoDiT state dict (our naming) in `fmt`; returns the weights file written."""
     path = Path(path)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     state = convert_state_dict(state, "sf", fmt)
-    metadata = {"format": "pt", "sf_format": fmt, "sf_config": json.dumps(model.cfg.to_dict())}
+    metadata = {"format": "pt", "sf_format": fmt, "sf_config": json.dumps(cfg.to_dict())}
     metadata.update({k: str(v) for k, v in (extra_metadata or {}).items()})
     if fmt != "sf":
         path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(json.dumps(_external_config(model.cfg, fmt), indent=2))
+        (path / "config.json").write_text(json.dumps(_external_config(cfg, fmt), indent=2))
         path = path / "diffusion_pytorch_model.safetensors"
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata=metadata)

@@ -1,0 +1,144 @@
+"""Typed configuration: one dataclass per concern, composed into `TrainConfig` and registered with Hydra.
+
+`conf/config.yaml` starts from the `train_schema` registered here, so every YAML group and every CLI override is
+checked against these types at compose time: an unknown key or a wrong type fails with Hydra's message naming
+it. `to_train_config` turns the composed DictConfig into these objects; nothing below `main()` sees a DictConfig.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from sf.data.prompts import PromptDataConfig
+from sf.distill.rollout import RolloutConfig
+from sf.distributed import DeepSpeedConfig, OptimizerConfig
+from sf.logging import LoggerConfig
+
+RANDOM_INIT = "random"  # teacher.checkpoint value for smoke tests: a seeded random teacher
+
+
+@dataclass
+class NetConfig:
+    """A VideoDiT: a named flavor, field overrides (e.g. in_channels of another VAE), optional weights."""
+
+    flavor: str = "debug"
+    checkpoint: Optional[str] = None
+    overrides: dict = field(default_factory=dict)
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class TeacherConfig(NetConfig):
+    """The frozen bidirectional teacher (the real score). Its weights are required."""
+
+    checkpoint: str = MISSING
+
+
+@dataclass
+class CriticConfig(NetConfig):
+    """The trainable fake score; initialised from the teacher's weights unless it has its own."""
+
+    init_from_teacher: bool = True
+
+
+@dataclass
+class TextConfig:
+    """Text features: an open_clip text tower (weights from a local file), unless the shards carry embeddings."""
+
+    model_name: str = "sf-tiny-clip"
+    pretrained: Optional[str] = None
+    max_length: Optional[int] = 77  # fixed length (zero-padded, as Wan pads to 512): batching never changes results
+    negative_prompt: str = ""
+
+
+@dataclass
+class DistillConfig:
+    """The objective and its schedule (DESIGN.md section 5)."""
+
+    objective: str = "dmd"  # dmd | sid
+    cfg_scale: float = 3.0  # real = cond + cfg_scale * (cond - uncond)
+    timestep_shift: float = 5.0
+    min_timestep_ratio: float = 0.02
+    max_timestep_ratio: float = 0.98
+    gen_update_every: int = 5
+    ema_decay: float = 0.99  # 0 disables the EMA
+    ema_start_step: int = 200
+    sid_alpha: float = 1.2
+    latent_height: int = 4
+    latent_width: int = 4
+
+
+@dataclass
+class OptimConfig:
+    """One AdamW per role; linear LR warm-up; gradient clipping by global norm."""
+
+    generator: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=2e-6))
+    critic: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=4e-7))
+    warmup_steps: int = 0
+    grad_clip: float = 10.0
+
+
+@dataclass
+class TrainerConfig:
+    """Loop length, accumulation, precision, checkpoints."""
+
+    max_steps: int = 1000
+    grad_accum_steps: int = 1
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    checkpoint_every: int = 100
+    keep_last: int = 2
+    export_on_checkpoint: bool = True
+    timeout_minutes: int = 30
+    stop_on_nonfinite: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; the resolved copy is saved beside every checkpoint."""
+
+    seed: int = 0
+    name: str = "sf"
+    model: NetConfig = field(default_factory=NetConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    data: PromptDataConfig = field(default_factory=PromptDataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+def asset_path(relative: str) -> str:
+    """Absolute path of a file shipped in sf/assets (the `${sf.asset:prompts/smoke.txt}` resolver)."""
+    path = ASSETS / relative
+    if not path.exists():
+        raise ValueError(f"no shipped asset {relative!r} under {ASSETS}")
+    return str(path)
+
+
+def register_configs() -> None:
+    """Make `train_schema` available to conf/config.yaml's defaults list, and the `sf.asset` resolver."""
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    if not OmegaConf.has_resolver("sf.asset"):
+        OmegaConf.register_new_resolver("sf.asset", asset_path)
+
+
+def to_train_config(cfg: DictConfig | Any) -> TrainConfig:
+    """The composed config as typed objects (raises on a missing mandatory value, naming it)."""
+    if isinstance(cfg, TrainConfig):
+        return cfg
+    return OmegaConf.to_object(cfg)
+
+
+register_configs()

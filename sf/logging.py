@@ -1,0 +1,193 @@
+"""Run logging: metrics.jsonl always, wandb on rank 0 (online/offline/disabled), sample videos, a progress bar.
+
+Every rank gets a logger with the same methods; only rank 0's does anything, so the training loop has no
+`if rank == 0` or `if wandb` branches. metrics.jsonl is flushed line by line, and on resume it is cut back to
+the resumed step, so a run killed after logging past its last checkpoint has no duplicated steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+WANDB_RUN_ID_FILE = "wandb_run_id.txt"
+
+
+@dataclass
+class LoggerConfig:
+    """Where metrics and samples go."""
+
+    backend: str = "jsonl"  # jsonl | wandb (metrics.jsonl is written either way)
+    project: str = "sf"
+    entity: Optional[str] = None
+    mode: str = "offline"  # online | offline | disabled; WANDB_MODE in the environment wins
+    group: Optional[str] = None
+    job_type: str = "train"
+    tags: list = field(default_factory=list)
+    name: Optional[str] = None
+    log_every: int = 1
+    video_every: int = 0  # 0: never
+    video_fps: int = 8
+    progress: bool = True
+
+
+class NullLogger:
+    """The logger of ranks other than 0: every method does nothing."""
+
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+    def should_log_video(self, step: int) -> bool:
+        return False
+
+    def log_video(self, step: int, key: str, video, caption: str | None = None) -> Path | None:
+        return None
+
+    def summary(self, values: dict) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.finish()
+
+
+class RunLogger(NullLogger):
+    """Rank 0: metrics.jsonl, optional wandb, videos under run_dir/samples, a tqdm bar."""
+
+    def __init__(self, cfg: LoggerConfig, run_dir: Path, config: dict, total_steps: int, start_step: int = 0):
+        if cfg.backend not in ("jsonl", "wandb"):
+            raise ValueError(f"logger.backend must be 'jsonl' or 'wandb', got {cfg.backend!r}")
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        truncate_metrics(self.metrics_path, start_step)
+        self._file = self.metrics_path.open("a")
+        self.wandb = self._init_wandb(config) if cfg.backend == "wandb" else None
+        self.bar = None
+        if cfg.progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
+                            disable=None, mininterval=1.0)
+
+    def _init_wandb(self, config: dict):
+        import wandb
+
+        id_file = self.run_dir / WANDB_RUN_ID_FILE
+        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        id_file.write_text(run_id)
+        mode = os.environ.get("WANDB_MODE", self.cfg.mode)
+        return wandb.init(
+            project=self.cfg.project, entity=self.cfg.entity, mode=mode, dir=str(self.run_dir), config=config,
+            group=self.cfg.group, job_type=self.cfg.job_type, tags=list(self.cfg.tags) or None, name=self.cfg.name,
+            id=run_id, resume="allow",
+        )
+
+    def log(self, step: int, metrics: dict) -> None:
+        """One line of metrics.jsonl (and one wandb history row) for `step`."""
+        row = {"step": int(step), **{k: _scalar(v) for k, v in metrics.items()}}
+        if step % max(1, self.cfg.log_every) == 0:
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
+            if self.wandb is not None:
+                self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=int(step))
+        if self.bar is not None:
+            self.bar.update(int(step) - self.bar.n)
+            shown = {k.split("/")[-1]: f"{v:.4g}" for k, v in row.items() if k.startswith("loss/")}
+            self.bar.set_postfix(shown, refresh=False)
+
+    def should_log_video(self, step: int) -> bool:
+        return self.cfg.video_every > 0 and step % self.cfg.video_every == 0
+
+    def log_video(self, step: int, key: str, video, caption: str | None = None) -> Path:
+        """Write run_dir/samples/{key}_{step}.mp4 and log it to wandb."""
+        from sf.video import save_video
+
+        path = save_video(video, self.run_dir / "samples" / f"{key}_{step:06d}.mp4", fps=self.cfg.video_fps)
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({key: wandb.Video(str(path), caption=caption, format="mp4")}, step=int(step))
+        return path
+
+    def summary(self, values: dict) -> None:
+        if self.wandb is not None:
+            for k, v in values.items():
+                self.wandb.summary[k] = v
+
+    def finish(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if not self._file.closed:
+            self._file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def make_logger(cfg: LoggerConfig, run_dir: Path, rank: int, config: Any, total_steps: int, start_step: int = 0):
+    """Rank 0's RunLogger, a NullLogger elsewhere."""
+    if rank != 0:
+        return NullLogger()
+    if dataclasses.is_dataclass(config):
+        config = json.loads(json.dumps(dataclasses.asdict(config), default=str))
+    return RunLogger(cfg, Path(run_dir), config, total_steps, start_step)
+
+
+def truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep the rows with step <= last_step (a resumed run rewrites what came after its checkpoint)."""
+    if not path.exists():
+        return
+    kept = [row for row in read_metrics(path) if row["step"] <= last_step]
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+    tmp.replace(path)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """All complete rows of a metrics.jsonl (a half-written last line is ignored)."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def plot_metrics(path: Path, out_png: Path, keys: list[str] | None = None) -> Path:
+    """PNG of the chosen metrics (default: every loss/*) against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(path)
+    keys = keys or sorted({k for row in rows for k in row if k.startswith("loss/")})
+    fig, axes = plt.subplots(len(keys), 1, figsize=(6, 2.2 * max(1, len(keys))), squeeze=False, dpi=110)
+    for ax, key in zip(axes[:, 0], keys):
+        points = [(row["step"], row[key]) for row in rows if key in row and math.isfinite(row[key])]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", lw=1)
+        ax.set_ylabel(key, fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png)
+    plt.close(fig)
+    return Path(out_png)
+
+
+def _scalar(value) -> float:
+    return float(value.item() if hasattr(value, "item") else value)

@@ -1,0 +1,78 @@
+"""Run `sf.train` as a real multi-process job (torchrun over gloo) from tests, optionally killing it mid-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def job_env(**extra) -> dict:
+    env = dict(os.environ)
+    env.update(
+        DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true",
+        PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false",
+    )
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def train_command(run_dir: Path, overrides: list[str], nproc: int = 2) -> list[str]:
+    base = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
+            "-m", "sf.train"] if nproc > 1 else [sys.executable, "-m", "sf.train"]
+    return base + list(overrides) + [f"hydra.run.dir={run_dir}"]
+
+
+def run_train(run_dir: Path, overrides: list[str], nproc: int = 2, timeout: float = 300, **env) -> subprocess.CompletedProcess:
+    """Run to completion; raise with the job's output tail when it fails."""
+    result = subprocess.run(train_command(run_dir, overrides, nproc), cwd=REPO, env=job_env(**env),
+                            capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"training failed ({result.returncode}):\n{(result.stdout + result.stderr)[-6000:]}")
+    return result
+
+
+def run_and_kill(run_dir: Path, overrides: list[str], kill_after_step: int, nproc: int = 2, timeout: float = 300) -> None:
+    """Start a job and SIGKILL its whole process group once metrics.jsonl has reached `kill_after_step`."""
+    proc = subprocess.Popen(train_command(run_dir, overrides, nproc), cwd=REPO, env=job_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError(f"job ended (rc {proc.returncode}) before reaching step {kill_after_step}")
+            if any(row["step"] >= kill_after_step for row in read_metrics(run_dir)):
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"job did not reach step {kill_after_step} in {timeout}s")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written right now
+            pass
+    return rows
