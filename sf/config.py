@@ -138,6 +138,9 @@ def to_train_config(cfg: DictConfig | Any) -> TrainConfig:
     """The composed config as typed objects (raises on a missing mandatory value, naming it)."""
     if isinstance(cfg, TrainConfig):
         return cfg
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ValueError(f"missing mandatory value: {', '.join(missing)} (set it as an override, e.g. {missing[0]}=...)")
     return OmegaConf.to_object(cfg)
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import os
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -84,7 +85,7 @@ class RunLogger(NullLogger):
         import wandb
 
         id_file = self.run_dir / WANDB_RUN_ID_FILE
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
         id_file.write_text(run_id)
         mode = os.environ.get("WANDB_MODE", self.cfg.mode)
         return wandb.init(
@@ -191,3 +192,38 @@ def plot_metrics(path: Path, out_png: Path, keys: list[str] | None = None) -> Pa
 
 def _scalar(value) -> float:
     return float(value.item() if hasattr(value, "item") else value)
+
+
+def read_wandb_history(run_file: Path) -> list[dict]:
+    """History rows of an offline wandb run file (`run-<id>.wandb`), for tests and offline inspection.
+
+    The file is wandb's header (":W&B", magic, version: 7 bytes) followed by LevelDB-log framing (32 KiB blocks;
+    each fragment has a 7-byte header: crc32c, little-endian length, type FULL/FIRST/MIDDLE/LAST) around
+    protobuf `Record`s. Each returned row maps history keys to their decoded JSON values (step under `_step`).
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    data = Path(run_file).read_bytes()
+    if data[:4] != b":W&B":
+        raise ValueError(f"{run_file}: not a wandb run file")
+    block, pos, pending, rows = 32768, 7, b"", []
+    while pos + 7 <= len(data):
+        room = block - pos % block
+        if room < 7:  # block trailer padding
+            pos += room
+            continue
+        length = int.from_bytes(data[pos + 4:pos + 6], "little")
+        kind = data[pos + 6]
+        fragment = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == 0 and length == 0:
+            continue
+        pending = fragment if kind in (1, 2) else pending + fragment
+        if kind not in (1, 4):  # FIRST or MIDDLE: the record continues
+            continue
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(pending)
+        if record.WhichOneof("record_type") == "history":
+            rows.append({"/".join(item.nested_key) or item.key: json.loads(item.value_json)
+                         for item in record.history.item})
+    return rows
