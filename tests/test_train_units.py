@@ -1,0 +1,48 @@
+"""Small pieces of the trainer: NaN guard, LR warm-up, per-sample randomness, preview videos."""
+
+import pytest
+import torch
+
+from sf.rng import SampleNoise, seed_for
+from sf.train import check_finite, copy_weights, set_lr
+from sf.models import VideoDiT, dit_config
+from sf.models.convert import CheckpointError
+from sf.video import latent_preview
+
+
+def test_non_finite_loss_stops_with_one_line_naming_the_step():
+    check_finite(torch.tensor(1.0), "critic", 3, "cpu")
+    with pytest.raises(FloatingPointError, match="non-finite generator loss at step 7") as err:
+        check_finite(torch.tensor(float("nan")), "generator", 7, "cpu")
+    assert "\n" not in str(err.value)
+
+
+class _Engine:
+    def __init__(self):
+        self.optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+
+
+def test_linear_warmup_is_stateless():
+    engine = _Engine()
+    assert [set_lr(engine, 1e-3, s, 4) for s in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    assert engine.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
+    assert set_lr(engine, 1e-3, 0, 0) == 1e-3
+
+
+def test_sample_noise_does_not_depend_on_batching():
+    seeds = [seed_for(0, "generator", 5, 0, i) for i in range(4)]
+    together = SampleNoise(seeds)
+    apart = [SampleNoise(seeds[:2]), SampleNoise(seeds[2:])]
+    assert torch.equal(together.randn((3, 2)), torch.cat([n.randn((3, 2)) for n in apart]))
+    assert torch.equal(together.dmd_timestep(5.0, 0.02, 0.98), torch.cat([n.dmd_timestep(5.0, 0.02, 0.98) for n in apart]))
+    assert seed_for(0, "a", 1) != seed_for(0, "a", 2) and seed_for(0, "a", 1) == seed_for(0, "a", 1)
+
+
+def test_student_must_match_teacher_architecture():
+    with pytest.raises(CheckpointError, match="shape mismatch"):
+        copy_weights(VideoDiT(dit_config("debug", ffn_dim=64)), VideoDiT(dit_config("debug")), "the generator")
+
+
+def test_latent_preview_is_viewable():
+    video = latent_preview(torch.randn(6, 4, 4, 4))
+    assert video.shape == (6, 3, 64, 64) and video.min() >= -1 and video.max() <= 1
