@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -60,9 +62,27 @@ def run_and_kill(run_dir: Path, overrides: list[str], kill_after_step: int, npro
         else:
             raise AssertionError(f"job did not reach step {kill_after_step} in {timeout}s")
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         proc.wait()
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a launcher and every process below it at once, like a node failure.
+
+    torchrun's workers do not stay in its process group, so killing the group alone leaves them running.
+    """
+    try:
+        root = psutil.Process(pid)
+        victims = root.children(recursive=True) + [root]
+    except psutil.NoSuchProcess:
+        return
+    for p in victims:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(victims, timeout=30)
+    assert not alive, f"processes survived SIGKILL: {alive}"
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
