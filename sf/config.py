@@ -94,7 +94,6 @@ class TrainerConfig:
     keep_last: int = 2
     export_on_checkpoint: bool = True
     timeout_minutes: int = 30
-    stop_on_nonfinite: bool = True
 
 
 @dataclass

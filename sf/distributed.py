@@ -82,12 +82,23 @@ def init_distributed(timeout_minutes: int = 30) -> Dist:
 
 
 def _from_slurm_if_needed() -> None:
-    """Under `srun` without torchrun, translate SLURM_* into the torch.distributed variables."""
+    """Under `srun` (or submitit) without torchrun, translate SLURM_* into the torch.distributed variables.
+
+    Rendezvous on the allocation's first node, at a port derived from the job id, unless MASTER_ADDR/PORT are set.
+    """
     if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
         return
     os.environ["RANK"] = os.environ["SLURM_PROCID"]
     os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in os.environ and "SLURM_JOB_NODELIST" in os.environ:
+        import subprocess
+
+        hosts = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
+                               capture_output=True, text=True, check=True).stdout.split()
+        os.environ["MASTER_ADDR"] = hosts[0]
+    if "MASTER_PORT" not in os.environ and "SLURM_JOB_ID" in os.environ:
+        os.environ["MASTER_PORT"] = str(20000 + int(os.environ["SLURM_JOB_ID"]) % 20000)
 
 
 def shutdown() -> None:

@@ -28,7 +28,7 @@ class LoggerConfig:
     entity: Optional[str] = None
     mode: str = "offline"  # online | offline | disabled; WANDB_MODE in the environment wins
     group: Optional[str] = None
-    job_type: str = "train"
+    job_type: str = "distill"  # the role of the run: distill, ode_init, teacher, vae, eval
     tags: list = field(default_factory=list)
     name: Optional[str] = None
     log_every: int = 1
@@ -39,6 +39,26 @@ class LoggerConfig:
 
 class NullLogger:
     """The logger of ranks other than 0: every method does nothing."""
+
+    def _catch_up_wandb(self, start_step: int) -> None:
+        """Make the resumed wandb run hold every step exactly once.
+
+        metrics.jsonl (flushed per line) is the record of what happened. Rows an earlier, killed process never
+        got into wandb are sent now; steps wandb already has are not sent again, also after the checkpoint:
+        the resumed run reproduces them exactly.
+        """
+        self.wandb_logged_through = self._previously_logged()
+        for row in read_metrics(self.metrics_path):
+            if self.wandb_logged_through < row["step"] <= start_step:
+                self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
+
+    def _previously_logged(self) -> int:
+        """The last step in this run's earlier offline wandb files (online runs drop old steps themselves)."""
+        run_id = self.wandb.id
+        files = [f for f in self.run_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb")
+                 if Path(self.wandb.dir).parent != f.parent]
+        steps = [row.get("_step", 0) for f in files for row in read_wandb_history(f)]
+        return int(max(steps, default=0))
 
     def log(self, step: int, metrics: dict) -> None:
         pass
@@ -74,6 +94,9 @@ class RunLogger(NullLogger):
         truncate_metrics(self.metrics_path, start_step)
         self._file = self.metrics_path.open("a")
         self.wandb = self._init_wandb(config) if cfg.backend == "wandb" else None
+        self.wandb_logged_through = 0
+        if self.wandb is not None and start_step:
+            self._catch_up_wandb(start_step)
         self.bar = None
         if cfg.progress:
             from tqdm.auto import tqdm
@@ -94,13 +117,33 @@ class RunLogger(NullLogger):
             id=run_id, resume="allow",
         )
 
+    def _catch_up_wandb(self, start_step: int) -> None:
+        """Make the resumed wandb run hold every step exactly once.
+
+        metrics.jsonl (flushed per line) is the record of what happened. Rows an earlier, killed process never
+        got into wandb are sent now; steps wandb already has are not sent again, also after the checkpoint:
+        the resumed run reproduces them exactly.
+        """
+        self.wandb_logged_through = self._previously_logged()
+        for row in read_metrics(self.metrics_path):
+            if self.wandb_logged_through < row["step"] <= start_step:
+                self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
+
+    def _previously_logged(self) -> int:
+        """The last step in this run's earlier offline wandb files (online runs drop old steps themselves)."""
+        run_id = self.wandb.id
+        files = [f for f in self.run_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb")
+                 if Path(self.wandb.dir).parent != f.parent]
+        steps = [row.get("_step", 0) for f in files for row in read_wandb_history(f)]
+        return int(max(steps, default=0))
+
     def log(self, step: int, metrics: dict) -> None:
         """One line of metrics.jsonl (and one wandb history row) for `step`."""
         row = {"step": int(step), **{k: _scalar(v) for k, v in metrics.items()}}
         if step % max(1, self.cfg.log_every) == 0:
             self._file.write(json.dumps(row) + "\n")
             self._file.flush()
-            if self.wandb is not None:
+            if self.wandb is not None and step > self.wandb_logged_through:
                 self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=int(step))
         if self.bar is not None:
             self.bar.update(int(step) - self.bar.n)
@@ -115,7 +158,7 @@ class RunLogger(NullLogger):
         from sf.video import save_video
 
         path = save_video(video, self.run_dir / "samples" / f"{key}_{step:06d}.mp4", fps=self.cfg.video_fps)
-        if self.wandb is not None:
+        if self.wandb is not None and step > self.wandb_logged_through:
             import wandb
 
             self.wandb.log({key: wandb.Video(str(path), caption=caption, format="mp4")}, step=int(step))
@@ -216,13 +259,18 @@ def read_wandb_history(run_file: Path) -> list[dict]:
         kind = data[pos + 6]
         fragment = data[pos + 7:pos + 7 + length]
         pos += 7 + length
+        if len(fragment) < length:  # the tail of a file whose writer was killed mid-record
+            break
         if kind == 0 and length == 0:
             continue
         pending = fragment if kind in (1, 2) else pending + fragment
         if kind not in (1, 4):  # FIRST or MIDDLE: the record continues
             continue
         record = wandb_internal_pb2.Record()
-        record.ParseFromString(pending)
+        try:
+            record.ParseFromString(pending)
+        except Exception:  # a damaged record (killed writer): what came before it is still good
+            break
         if record.WhichOneof("record_type") == "history":
             rows.append({"/".join(item.nested_key) or item.key: json.loads(item.value_json)
                          for item in record.history.item})

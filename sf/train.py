@@ -148,7 +148,7 @@ def check_finite(loss: torch.Tensor, what: str, step: int, device) -> None:
     if bad.item():
         raise FloatingPointError(
             f"non-finite {what} loss at step {step} (on some rank); weights not updated, "
-            f"resume from the last checkpoint with a lower lr or trainer.stop_on_nonfinite=false to skip"
+            f"resume from the last checkpoint (rerun the command), e.g. with a lower learning rate"
         )
 
 
@@ -293,7 +293,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, config_yaml: str = "") -> dict:
         if done or preempted or (step + 1) % cfg.trainer.checkpoint_every == 0:
             save(step + 1)
         if preempted:
-            if d.is_main:
+            if d.is_main:  # launch/slurm/train.sbatch requeues the job when it finds this marker
+                (run_dir / "PREEMPTED").write_text(f"{step + 1}\n")
                 print(f"[sf] preempted: checkpoint saved at step {step + 1}, exiting for requeue", flush=True)
             break
 
@@ -336,6 +337,20 @@ def _log_sample(logger, step, gen_engine, stream, text, context_for, cfg, latent
         logger.log_video(step, "sample", latent_preview(video[0].float().cpu()))
 
 
+def name_wandb_run(cfg: TrainConfig, hydra_cfg) -> None:
+    """Dashboard identity: group by experiment (and sweep), tags from the overrides, name from the run dir."""
+    from hydra.types import RunMode
+
+    sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    if cfg.logger.group is None:
+        cfg.logger.group = f"{cfg.name}/{Path(hydra_cfg.sweep.dir).name}" if sweep else cfg.name
+    if not cfg.logger.tags:  # wandb tags are at most 64 characters
+        cfg.logger.tags = [o[:64] for o in hydra_cfg.overrides.task if not o.startswith(("hydra.", "logger."))]
+    if cfg.logger.name is None:
+        run_dir = Path(hydra_cfg.runtime.output_dir)
+        cfg.logger.name = f"{cfg.name}/{run_dir.parent.name}/{run_dir.name}" if sweep else f"{cfg.name}/{run_dir.name}"
+
+
 def main() -> None:
     """Hydra entry point (`sf-train`, `python -m sf.train`)."""
     import hydra
@@ -351,7 +366,9 @@ def main() -> None:
         except Exception as e:  # omegaconf's missing-value / validation errors: one line, naming the key
             print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
             sys.exit(2)
-        train(cfg, HydraConfig.get().runtime.output_dir, OmegaConf.to_yaml(dict_cfg, resolve=True))
+        hydra_cfg = HydraConfig.get()
+        name_wandb_run(cfg, hydra_cfg)
+        train(cfg, hydra_cfg.runtime.output_dir, OmegaConf.to_yaml(dict_cfg, resolve=True))
 
     _run()
 

@@ -5,7 +5,7 @@ import math
 import imageio.v3 as iio
 import pytest
 
-from launch import read_metrics, run_train
+from launch import read_metrics, run_and_kill, run_train
 from sf.logging import read_wandb_history
 
 pytestmark = pytest.mark.slow
@@ -36,3 +36,21 @@ def test_wandb_offline_run_matches_metrics_jsonl_and_has_videos(tmp_path):
     assert frames.shape[0] == 6 and frames.shape[-1] == 3  # one frame per latent frame, RGB
     assert (run_dir / "samples" / "sample_000002.mp4").exists()
     assert (run_dir / "wandb_run_id.txt").read_text().strip() in run_file.name
+
+
+def test_wandb_run_resumed_after_kill_is_the_same_run_without_duplicate_or_missing_steps(tmp_path):
+    overrides = ["experiment=smoke", "logger=wandb", "trainer.max_steps=6", "trainer.checkpoint_every=2"]
+    run_dir = tmp_path / "run"
+    run_and_kill(run_dir, overrides, kill_after_step=3, nproc=1)
+    out = run_train(run_dir, overrides, nproc=1)
+    assert "resumed from" in out.stdout
+    run_id = (run_dir / "wandb_run_id.txt").read_text().strip()
+    files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 2 and all(f.name == f"run-{run_id}.wandb" for f in files)  # one wandb run, two sessions
+    steps = [row["_step"] for f in files for row in read_wandb_history(f)]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    jsonl = {r["step"]: r for r in read_metrics(run_dir)}
+    assert sorted(jsonl) == [1, 2, 3, 4, 5, 6]
+    for f in files:
+        for row in read_wandb_history(f):
+            assert row["loss/critic"] == jsonl[row["_step"]]["loss/critic"]
