@@ -194,10 +194,14 @@ def train(cfg: TrainConfig, run_dir: str | Path, config_yaml: str = "") -> dict:
     logger = make_logger(cfg.logger, run_dir, d.rank, _plain(cfg), cfg.trainer.max_steps, start_step)
     batches = iter(stream)
 
+    sample_prompts: list[str] = []  # the first prompt seen: what sample videos show
+
     def context_for(batch):
+        """Text features of a batch and of the negative prompt (encoded once), in the compute dtype."""
+        if not sample_prompts:
+            sample_prompts.append(batch["prompt"][0])
         features, _ = text.encode_batch(batch)
         negative, _ = encode_negative_prompt(text, cfg.text.negative_prompt, features.shape[0])
-        negative = negative[:, : features.shape[1]] if negative.shape[1] >= features.shape[1] else negative
         return features.to(d.device, dtype), negative.to(d.device, dtype)
 
     latent = (cfg.rollout.num_frames, generator.cfg.in_channels, cfg.distill.latent_height, cfg.distill.latent_width)
@@ -286,8 +290,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, config_yaml: str = "") -> dict:
         metrics.update({"time/step_s": elapsed, "time/samples_per_s": samples_per_iteration / elapsed,
                         "data/skipped": float(stream.num_skipped)})
         logger.log(step + 1, metrics)
-        if logger.should_log_video(step + 1):
-            _log_sample(logger, step + 1, gen_engine, stream, text, context_for, cfg, latent, dtype, d)
+        if cfg.logger.video_every > 0 and (step + 1) % cfg.logger.video_every == 0:  # every rank: ZeRO-3 gathers
+            _log_sample(logger, step + 1, gen_engine, sample_prompts[0], context_for, cfg, latent, dtype, d)
         done = step + 1 == cfg.trainer.max_steps
         preempted = preemption.agreed(d.device)
         if done or preempted or (step + 1) % cfg.trainer.checkpoint_every == 0:
@@ -325,16 +329,16 @@ def _plain(cfg: TrainConfig) -> dict:
 
 
 @torch.no_grad()
-def _log_sample(logger, step, gen_engine, stream, text, context_for, cfg, latent, dtype, d) -> None:
+def _log_sample(logger, step, gen_engine, prompt, context_for, cfg, latent, dtype, d) -> None:
     """Stream one video with the current generator (all ranks run it: ZeRO-3 forwards are collective)."""
     from sf.video import latent_preview
 
-    ctx, _ = context_for({"prompt": [cfg.text.negative_prompt or "a sample"]})
+    ctx, _ = context_for({"prompt": [prompt]})
     noise = torch.randn((1, *latent), generator=torch.Generator().manual_seed(cfg.seed), dtype=torch.float32)
     video = generate(gen_engine.module, gen_engine.module.new_cache, noise.to(d.device, dtype), ctx, cfg.rollout,
                      generator=torch.Generator(device=d.device).manual_seed(cfg.seed))
     if d.is_main:
-        logger.log_video(step, "sample", latent_preview(video[0].float().cpu()))
+        logger.log_video(step, "sample", latent_preview(video[0].float().cpu()), caption=prompt)
 
 
 def name_wandb_run(cfg: TrainConfig, hydra_cfg) -> None:

@@ -26,7 +26,9 @@ def fingerprints(run_dir, rank):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_rank_smoke(tmp_path, stage):
     run_dir = tmp_path / f"zero{stage}"
-    run_train(run_dir, SMOKE + [f"deepspeed=zero{stage}", "trainer.max_steps=4"])
+    # sample videos every 2 steps: generation is collective under ZeRO-3, so every rank must take part
+    run_train(run_dir, SMOKE + [f"deepspeed=zero{stage}", "trainer.max_steps=4", "logger.video_every=2"])
+    assert sorted(p.name for p in (run_dir / "samples").glob("*.mp4")) == ["sample_000002.mp4", "sample_000004.mp4"]
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for r in rows:
