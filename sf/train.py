@@ -372,7 +372,11 @@ def main() -> None:
             sys.exit(2)
         hydra_cfg = HydraConfig.get()
         name_wandb_run(cfg, hydra_cfg)
-        train(cfg, hydra_cfg.runtime.output_dir, OmegaConf.to_yaml(dict_cfg, resolve=True))
+        try:
+            train(cfg, hydra_cfg.runtime.output_dir, OmegaConf.to_yaml(dict_cfg, resolve=True))
+        except (ValueError, FileNotFoundError, FloatingPointError) as e:  # bad input: one line, no traceback
+            print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+            sys.exit(1)
 
     _run()
 

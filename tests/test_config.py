@@ -59,3 +59,15 @@ def test_cli_errors_are_one_clear_line(tmp_path):
     unknown = run_cli("experiment=smoke", "trainer.bogus=1", f"hydra.run.dir={tmp_path}")
     assert unknown.returncode != 0
     assert "trainer.bogus" in unknown.stderr.splitlines()[0]
+
+
+def test_bad_inputs_at_start_are_one_line(tmp_path):
+    absent = run_cli("experiment=smoke", "teacher.checkpoint=/nonexistent/teacher", f"hydra.run.dir={tmp_path / 'a'}")
+    assert absent.returncode == 1
+    assert absent.stderr.strip().splitlines()[-1] == "error: /nonexistent/teacher: no such file or directory"
+    # brace patterns must be quoted for Hydra's override grammar: 'data.shards="/x/shards-{000..009}.tar"'
+    shards = run_cli("experiment=smoke", 'data.shards="/nonexistent/shards-{000..009}.tar"',
+                     f"hydra.run.dir={tmp_path / 'b'}")
+    assert shards.returncode == 1
+    last = shards.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "/nonexistent/shards-{000..009}.tar" in last
