@@ -71,3 +71,10 @@ def test_bad_inputs_at_start_are_one_line(tmp_path):
     assert shards.returncode == 1
     last = shards.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "/nonexistent/shards-{000..009}.tar" in last
+
+
+def test_help_explains_usage_and_lists_groups():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    assert result.stdout.startswith("sf-train: self-forcing DMD distillation")
+    assert "deepspeed: zero0, zero1, zero2, zero3" in result.stdout and "teacher:" in result.stdout
