@@ -27,6 +27,12 @@ def _deepspeed():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
 
+        if not torch.cuda.is_available():
+            # DeepSpeed JIT-compiles a shared-memory op at every process-group init on CPU (~20 s on a fresh machine,
+            # and again whenever another venv shares the extension cache). Only its inference all-reduce uses it.
+            from deepspeed.ops import __compatible_ops__
+
+            __compatible_ops__["deepspeed_shm_comm"] = False
         _DEEPSPEED = deepspeed
     return _DEEPSPEED
 

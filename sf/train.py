@@ -273,6 +273,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, config_yaml: str = "") -> dict:
 
     # -- the loop ------------------------------------------------------------------------------------------
     metrics: dict = {}
+    preempted = False
     samples_per_iteration = cfg.data.batch_size * cfg.trainer.grad_accum_steps * d.world_size
     for step in range(start_step, cfg.trainer.max_steps):
         start = time.perf_counter()
@@ -302,6 +303,14 @@ def train(cfg: TrainConfig, run_dir: str | Path, config_yaml: str = "") -> dict:
                 print(f"[sf] preempted: checkpoint saved at step {step + 1}, exiting for requeue", flush=True)
             break
 
+    if preempted and "SUBMITIT_EXECUTOR" in os.environ:
+        # A submitit job that returns is "done", and the sweep would end before its requeued run; leave without a
+        # result so the launcher waits for the requeued job, which resumes from the checkpoint just written.
+        logger.finish()
+        distributed.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     end_fingerprints = {"teacher": fingerprint(teacher), "generator": fingerprint(gen_engine.module),
                         "critic": fingerprint(critic_engine.module)}
     (run_dir / f"fingerprints_rank{d.rank}.json").write_text(
