@@ -40,31 +40,8 @@ class LoggerConfig:
 class NullLogger:
     """The logger of ranks other than 0: every method does nothing."""
 
-    def _catch_up_wandb(self, start_step: int) -> None:
-        """Make the resumed wandb run hold every step exactly once.
-
-        metrics.jsonl (flushed per line) is the record of what happened. Rows an earlier, killed process never
-        got into wandb are sent now; steps wandb already has are not sent again, also after the checkpoint:
-        the resumed run reproduces them exactly.
-        """
-        self.wandb_logged_through = self._previously_logged()
-        for row in read_metrics(self.metrics_path):
-            if self.wandb_logged_through < row["step"] <= start_step:
-                self.wandb.log({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
-
-    def _previously_logged(self) -> int:
-        """The last step in this run's earlier offline wandb files (online runs drop old steps themselves)."""
-        run_id = self.wandb.id
-        files = [f for f in self.run_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb")
-                 if Path(self.wandb.dir).parent != f.parent]
-        steps = [row.get("_step", 0) for f in files for row in read_wandb_history(f)]
-        return int(max(steps, default=0))
-
     def log(self, step: int, metrics: dict) -> None:
         pass
-
-    def should_log_video(self, step: int) -> bool:
-        return False
 
     def log_video(self, step: int, key: str, video, caption: str | None = None) -> Path | None:
         return None
@@ -150,9 +127,6 @@ class RunLogger(NullLogger):
             shown = {k.split("/")[-1]: f"{v:.4g}" for k, v in row.items() if k.startswith("loss/")}
             self.bar.set_postfix(shown, refresh=False)
 
-    def should_log_video(self, step: int) -> bool:
-        return self.cfg.video_every > 0 and step % self.cfg.video_every == 0
-
     def log_video(self, step: int, key: str, video, caption: str | None = None) -> Path:
         """Write run_dir/samples/{key}_{step}.mp4 and log it to wandb."""
         from sf.video import save_video
@@ -212,14 +186,12 @@ def read_metrics(path: Path) -> list[dict]:
 
 def plot_metrics(path: Path, out_png: Path, keys: list[str] | None = None) -> Path:
     """PNG of the chosen metrics (default: every loss/*) against step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: leaves the process's plotting backend alone
 
     rows = read_metrics(path)
     keys = keys or sorted({k for row in rows for k in row if k.startswith("loss/")})
-    fig, axes = plt.subplots(len(keys), 1, figsize=(6, 2.2 * max(1, len(keys))), squeeze=False, dpi=110)
+    fig = Figure(figsize=(6, 2.2 * max(1, len(keys))), dpi=110)
+    axes = fig.subplots(len(keys), 1, squeeze=False)
     for ax, key in zip(axes[:, 0], keys):
         points = [(row["step"], row[key]) for row in rows if key in row and math.isfinite(row[key])]
         ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", lw=1)
@@ -229,7 +201,6 @@ def plot_metrics(path: Path, out_png: Path, keys: list[str] | None = None) -> Pa
     fig.tight_layout()
     Path(out_png).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png)
-    plt.close(fig)
     return Path(out_png)
 
 
