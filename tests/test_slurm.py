@@ -125,9 +125,10 @@ def test_requeued_job_resumes_to_the_uninterrupted_losses(slurm_cluster, tmp_pat
             assert r[k] == expected[r["step"]][k], (k, r["step"], r[k], expected[r["step"]][k])
 
 
-def test_hydra_sweep_through_submitit(slurm_cluster, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("launcher", ["slurm", "submitit_slurm"])  # ours, and the plugin's own defaults
+def test_hydra_sweep_through_submitit(slurm_cluster, tmp_path, launcher):  # noqa: F811
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "sf.train", "-m", "hydra/launcher=slurm", *SMOKE, "trainer.max_steps=2",
+    cmd = [sys.executable, "-m", "sf.train", "-m", f"hydra/launcher={launcher}", *SMOKE, "trainer.max_steps=2",
            "seed=1,2", f"hydra.sweep.dir={sweep}"]
     try:
         result = subprocess.run(cmd, cwd=REPO, env=slurm_env(slurm_cluster), capture_output=True, text=True,
@@ -144,7 +145,8 @@ def test_hydra_sweep_through_submitit(slurm_cluster, tmp_path):  # noqa: F811
     assert all(len(list(p.glob("*_result.pkl"))) == 1 for p in tasks)
     submission = next((sweep / ".submitit").glob("*/*_submission.sh")).read_text()
     assert f"{sys.executable} -u -m submitit.core._submit" in submission  # the jobs run this very python
-    assert "#SBATCH --ntasks-per-node=1" in submission and "export OMP_NUM_THREADS=" in submission
+    assert "#SBATCH --ntasks-per-node=1" in submission
+    assert ("export OMP_NUM_THREADS=" in submission) == (launcher == "slurm")  # our config's setup line
 
     losses = []
     for num, seed in ((0, 1), (1, 2)):
