@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sf import distributed
@@ -155,8 +156,6 @@ def load_checkpoint(path: Path, *, engines: dict, ema: distributed.EMA | None, r
     rank_file = f"rank_{rank:05d}.safetensors"
     if ema is not None:
         ema.load_state_dict(load_file(str(path / "ema" / rank_file)))
-    from safetensors import safe_open
-
     with safe_open(str(path / "trainer" / rank_file), framework="pt") as f:
         meta = json.loads(f.metadata()["rng"])
     set_rng_state(load_file(str(path / "trainer" / rank_file)), meta)

@@ -25,7 +25,6 @@ import sf  # noqa: F401  (torchvision compatibility before open_clip / diffusers
 from sf import checkpoint as ckpt
 from sf import distributed
 from sf.config import RANDOM_INIT, NetConfig, TrainConfig, to_train_config
-from sf.diffusion.flow import sample_dmd_timestep
 from sf.distill.losses import critic_loss, dmd_loss, sid_loss, x0_predictor
 from sf.distill.rollout import generate, self_forcing_rollout
 from sf.logging import make_logger

@@ -281,7 +281,7 @@ def test_student_few_step_lands_on_point():
 
 
 def test_student_renoises_with_fresh_noise():
-    x_star, eps0 = _randn(B, F, C, H, W, seed=11), _randn(B, F, C, H, W, seed=12)
+    eps0 = _randn(B, F, C, H, W, seed=12)
     seen = []
 
     def net(x_t, t):
