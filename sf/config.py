@@ -65,6 +65,7 @@ class DistillConfig:
     timestep_shift: float = 5.0
     min_timestep_ratio: float = 0.02
     max_timestep_ratio: float = 0.98
+    timestep_from_exit: bool = False  # draw t only within the exit step's noise interval (reference's ts_schedule)
     gen_update_every: int = 5
     ema_decay: float = 0.99  # 0 disables the EMA
     ema_start_step: int = 200

@@ -11,7 +11,7 @@ import hashlib
 
 import torch
 
-from sf.diffusion.flow import sample_dmd_timestep
+from sf.diffusion.flow import NUM_TRAIN_TIMESTEPS, shift_sigma
 
 
 def seed_for(*parts) -> int:
@@ -41,12 +41,16 @@ class SampleNoise:
             raise ValueError(f"batch of {x.shape[0]} samples but {len(self.generators)} noise generators")
         return self.randn(x.shape[1:], x.dtype).to(x.device)
 
-    def dmd_timestep(self, shift: float, min_ratio: float, max_ratio: float) -> torch.Tensor:
-        """One DMD/critic timestep per sample (B,), uniform then shifted then clamped."""
-        return torch.cat([
-            sample_dmd_timestep(1, shift, min_ratio, max_ratio, generator=g, device=self.device)
-            for g in self.generators
-        ])
+    def dmd_timestep(self, shift: float, min_ratio: float, max_ratio: float,
+                     low: float = 0.0, high: float = 1.0) -> torch.Tensor:
+        """One DMD/critic timestep per sample (B,): uniform in [low, high] (unshifted σ), shifted, clamped.
+
+        [low, high] = [0, 1] is the usual draw; the exit step's own noise interval restricts it (`ts_schedule`).
+        """
+        if not 0.0 <= low <= high <= 1.0:
+            raise ValueError(f"need 0 <= low <= high <= 1, got {low} and {high}")
+        u = torch.cat([torch.rand(1, generator=g, device=self.device) for g in self.generators])  # (B,)
+        return shift_sigma(low + (high - low) * u, shift).clamp(min_ratio, max_ratio) * NUM_TRAIN_TIMESTEPS
 
     def randint(self, high: int) -> torch.Tensor:
         """One integer in [0, high) per sample (B,)."""

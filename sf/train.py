@@ -220,7 +220,11 @@ def train(cfg: TrainConfig, run_dir: str | Path, config_yaml: str = "") -> dict:
             gen_engine, gen_engine.module.new_cache, noise.randn(latent, dtype), ctx, cfg.rollout,
             generator=noise, sync=distributed.broadcast_from_main, exit_generator=exits,
         )
-        t = noise.dmd_timestep(cfg.distill.timestep_shift, cfg.distill.min_timestep_ratio, cfg.distill.max_timestep_ratio)
+        span = (0.0, 1.0)
+        if cfg.distill.timestep_from_exit:  # only noise levels the exit step itself denoised (reference's ts_schedule)
+            span = (rollout.denoised_to / 1000, rollout.denoised_from / 1000)
+        t = noise.dmd_timestep(cfg.distill.timestep_shift, cfg.distill.min_timestep_ratio,
+                               cfg.distill.max_timestep_ratio, *span)
         return rollout, t, noise.randn(latent, torch.float32)
 
     def generator_step(step: int) -> dict:

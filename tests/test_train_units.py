@@ -46,3 +46,20 @@ def test_student_must_match_teacher_architecture():
 def test_latent_preview_is_viewable():
     video = latent_preview(torch.randn(6, 4, 4, 4))
     assert video.shape == (6, 3, 64, 64) and video.min() >= -1 and video.max() <= 1
+
+
+def test_dmd_timestep_default_draw_and_exit_interval():
+    from sf.diffusion.flow import sample_dmd_timestep, shift_sigma
+
+    seeds = [seed_for(0, "critic", 3, 0, i) for i in range(64)]
+    usual = SampleNoise(seeds).dmd_timestep(5.0, 0.02, 0.98)
+    expected = torch.cat([sample_dmd_timestep(1, 5.0, 0.02, 0.98, generator=torch.Generator().manual_seed(s))
+                          for s in seeds])
+    assert torch.equal(usual, expected)  # the same draw as the library's sampler
+    # an exit at the second of [1000, 750, 500, 250] denoises unshifted t in [500, 750]
+    narrowed = SampleNoise(seeds).dmd_timestep(5.0, 0.02, 0.98, 0.5, 0.75)
+    lo, hi = (1000 * shift_sigma(torch.tensor(v), 5.0) for v in (0.5, 0.75))
+    assert bool(((narrowed >= lo - 1e-3) & (narrowed <= hi + 1e-3)).all())
+    assert narrowed.max() - narrowed.min() > 10  # still random within it
+    with pytest.raises(ValueError):
+        SampleNoise(seeds[:1]).dmd_timestep(5.0, 0.02, 0.98, 0.8, 0.5)
