@@ -8,6 +8,7 @@ f >= E - W or f < S.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -46,6 +47,8 @@ def allowed_key_frames(causal: CausalConfig, query_chunk_end: int, key_frames: t
     return allowed
 
 
+# The same shape every step; callers never modify the mask. Small: a Wan-size mask is ~1 GB of bools.
+@functools.lru_cache(maxsize=2)
 def block_causal_mask(causal: CausalConfig, num_frames: int, tokens_per_frame: int, device=None) -> torch.Tensor:
     """Boolean (L, L) mask, True = attend, for the full-sequence block-causal forward; L = frames * tokens."""
     frames = torch.arange(num_frames, device=device)
@@ -75,6 +78,14 @@ class RoPE3D:
 
     def __call__(self, start_frame: int, num_frames: int, height: int, width: int, device=None):
         """cos, sin of shape (1, frames*height*width, 1, head_dim) for frames start_frame.. (float32)."""
+        # Every denoising step of a chunk asks for the same angles: compute (on the CPU, in float64) and move
+        # them to the device once per (chunk position, shape, device), not once per forward. 16 entries hold
+        # a 21-frame rollout's chunks (~5 MB each at Wan size) without growing with streaming length.
+        device = None if device is None else torch.device(device)
+        return self._cached(start_frame, num_frames, height, width, device)
+
+    @functools.lru_cache(maxsize=16)
+    def _cached(self, start_frame: int, num_frames: int, height: int, width: int, device):
         t = self._axis(torch.arange(start_frame, start_frame + num_frames), self.t_dim)
         h = self._axis(torch.arange(height), self.hw_dim)
         w = self._axis(torch.arange(width), self.hw_dim)
