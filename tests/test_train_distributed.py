@@ -96,8 +96,8 @@ def test_gradient_accumulation_matches_larger_micro_batch(tmp_path):
     rows_big, rows_acc = read_metrics(tmp_path / "b2"), read_metrics(tmp_path / "a2")
     for a, b in zip(rows_big, rows_acc):
         assert a["loss/critic"] == pytest.approx(b["loss/critic"], rel=1e-5)
-    moved = 0.0
     for (name, p), q in zip(big.named_parameters(), acc.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
-        moved = max(moved, (p - q).abs().max().item())
-    assert moved < 1e-5
+    for run in ("b2", "a2"):  # equal because both trained the same way, not because neither trained
+        prints = fingerprints(tmp_path / run, 0)
+        assert prints["start"]["generator"] != prints["end"]["generator"], run
