@@ -11,7 +11,7 @@ export PYTHONWARNINGS ?= ignore::FutureWarning
 export WANDB_SILENT ?= true
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo assets bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,9 +25,15 @@ setup: $(VENV)/.installed
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# Self-forcing distillation of the shipped world teacher (sf/assets/world) on this machine, then evaluation:
+# outputs/demo/<time>/report.{json,md}, plots/, samples/. Extra arguments: make demo DEMO_ARGS="--steps 40".
+DEMO_ARGS ?=
 demo: setup
-	@echo "make demo arrives with the embedded-world issue (#4): it will distil the shipped world teacher."
-	@echo "Until then: 'make test' exercises everything that exists; see README.md for status."
+	$(PY) -m eval.demo $(DEMO_ARGS)
+
+# Rebuild the shipped world weights from scratch with the project's recipes (about an hour on 2 CPU cores).
+assets: setup
+	$(PY) -m eval.assets --out build/assets --install sf/assets/world
 
 bench: setup
 	$(PY) -m eval.bench_cache --flavor debug --chunks 64 --out docs/figures

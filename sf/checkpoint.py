@@ -20,6 +20,7 @@ import json
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +29,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sf import distributed
-from sf.models.convert import save_state_dict
-from sf.models.dit import DiTConfig
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 COMPLETE = "COMPLETE"
@@ -80,8 +79,9 @@ def save_checkpoint(
     *,
     engines: dict,
     ema: distributed.EMA | None,
+    ema_name: str = "generator_ema",
     trainer_state: dict,
-    model_configs: dict[str, DiTConfig],
+    exporter: Callable[[str, dict, Path, int], None],
     config_yaml: str,
     rank: int,
     keep_last: int,
@@ -112,11 +112,10 @@ def save_checkpoint(
     if export:
         exports = {name: distributed.full_state_dict(engine.module, rank) for name, engine in engines.items()}
         if ema is not None:
-            exports["generator_ema"] = ema.full_state_dict(rank)
+            exports[ema_name] = ema.full_state_dict(rank)
     if rank == 0:
         for name, state in exports.items():
-            cfg = model_configs["generator" if name == "generator_ema" else name]
-            save_state_dict(state, cfg, tmp / "export" / f"{name}.safetensors", extra_metadata={"step": step})
+            exporter(name, state, tmp / "export" / f"{name}.safetensors", step)
         (tmp / "trainer" / "state.json").write_text(json.dumps({"step": step, "ranks": all_states}, indent=1))
         (tmp / "config.yaml").write_text(config_yaml)
     distributed.barrier()

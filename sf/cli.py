@@ -1,4 +1,4 @@
-"""Console entry points: sf-train, sf-export, sf-generate."""
+"""Console entry points: sf-train, sf-export, sf-generate, sf-eval."""
 
 from __future__ import annotations
 
@@ -13,6 +13,13 @@ import sf  # noqa: F401
 def train_main() -> None:
     """sf-train: Hydra-configured training (see `sf-train --help`)."""
     from sf.train import main
+
+    main()
+
+
+def eval_main() -> None:
+    """sf-eval: score exported world models (oracle, world-FVD, NFE, drift); see `sf-eval --help`."""
+    from eval.evaluate import main
 
     main()
 

@@ -18,7 +18,10 @@ from sf.data.prompts import PromptDataConfig
 from sf.distill.rollout import RolloutConfig
 from sf.distributed import DeepSpeedConfig, OptimizerConfig
 from sf.logging import LoggerConfig
+from sf.models.vae import CodecConfig
 
+TASKS = ("distill", "teacher", "ode", "vae")
+TEACHERLESS_TASKS = ("teacher", "vae")
 RANDOM_INIT = "random"  # teacher.checkpoint value for smoke tests: a seeded random teacher
 
 
@@ -34,9 +37,9 @@ class NetConfig:
 
 @dataclass
 class TeacherConfig(NetConfig):
-    """The frozen bidirectional teacher (the real score). Its weights are required."""
+    """The frozen bidirectional teacher (the real score). Its weights are required (except to train a teacher)."""
 
-    checkpoint: str = MISSING
+    checkpoint: Optional[str] = MISSING
 
 
 @dataclass
@@ -75,6 +78,41 @@ class DistillConfig:
 
 
 @dataclass
+class FlowConfig:
+    """Teacher training (task=teacher): bidirectional flow matching on latents, caption dropout for CFG."""
+
+    caption_dropout: float = 0.1  # share of samples trained on the negative prompt (the unconditional branch)
+    timestep_shift: float = 3.0  # t = shift(u), u uniform: more steps at high noise, where layout is decided
+    ema_decay: float = 0.999  # 0 disables the EMA (exported as teacher_ema)
+    sample_steps: int = 32  # teacher sampler steps for the sample videos
+    sample_shift: float = 5.0
+
+
+@dataclass
+class OdeConfig:
+    """ODE init (task=ode): teacher trajectories at the student's sigmas, then causal regression (DESIGN 5)."""
+
+    num_pairs: int = 256  # prompts (the first of data.shards) sampled by the teacher into run_dir/data/ode
+    num_steps: int = 48
+    shift: float = 8.0
+    cfg_scale: float = 3.0
+    batch_size: int = 16  # prompts per teacher sampling batch
+    shards: Optional[str] = None  # existing ode.safetensors shards: skip the sampling
+    ema_decay: float = 0.99  # 0 disables the EMA (exported as generator_ema)
+
+
+@dataclass
+class VaeConfig:
+    """VAE training (task=vae): the codec of `codec` learns the pixels of `data.shards` (DESIGN 9)."""
+
+    kl_weight: float = 1.0e-6
+    sample_posterior: bool = True  # False: decode the posterior mean (trains much faster from scratch)
+    crop_frames: int = 41  # random 1 + 4k frame window of each clip (the causal VAE generalises to longer clips)
+    crop_size: int = 32  # random square crop, a multiple of the spatial compression
+    stats_videos: int = 32  # full clips encoded to fit the per-channel latent mean/std written with every export
+
+
+@dataclass
 class OptimConfig:
     """One AdamW per role; linear LR warm-up; gradient clipping by global norm."""
 
@@ -103,6 +141,7 @@ class TrainConfig:
 
     seed: int = 0
     name: str = "sf"
+    task: str = "distill"  # distill (self-forcing DMD/SiD) | teacher | ode | vae
     model: NetConfig = field(default_factory=NetConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
@@ -110,6 +149,10 @@ class TrainConfig:
     data: PromptDataConfig = field(default_factory=PromptDataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    ode: OdeConfig = field(default_factory=OdeConfig)
+    vae: VaeConfig = field(default_factory=VaeConfig)
+    codec: CodecConfig = field(default_factory=lambda: CodecConfig(kind="identity"))
     optim: OptimConfig = field(default_factory=OptimConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -138,6 +181,9 @@ def to_train_config(cfg: DictConfig | Any) -> TrainConfig:
     """The composed config as typed objects (raises on a missing mandatory value, naming it)."""
     if isinstance(cfg, TrainConfig):
         return cfg
+    if cfg.get("task") in TEACHERLESS_TASKS and OmegaConf.is_missing(cfg.teacher, "checkpoint"):
+        cfg = cfg.copy()
+        cfg.teacher.checkpoint = None  # these tasks train from data alone
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ValueError(f"missing mandatory value: {', '.join(missing)} (set it as an override, e.g. {missing[0]}=...)")

@@ -68,11 +68,12 @@ class Dist:
 def init_distributed(timeout_minutes: int = 30) -> Dist:
     """Join the job's process group from the launcher's environment (torchrun, deepspeed, srun, or none)."""
     _from_slurm_if_needed()
+    if "RANK" not in os.environ and "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())  # a lone process: never collide with another job's port
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         torch.cuda.set_device(local)
@@ -85,6 +86,15 @@ def init_distributed(timeout_minutes: int = 30) -> Dist:
             dist_backend=backend, auto_mpi_discovery=False, timeout=datetime.timedelta(minutes=timeout_minutes)
         )
     return Dist(rank=rank, world_size=world, local_rank=local, device=device)
+
+
+def _free_port() -> int:
+    """A TCP port nothing listens on now (the OS picks it)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _from_slurm_if_needed() -> None:

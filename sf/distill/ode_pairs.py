@@ -76,7 +76,7 @@ def write_ode_pairs(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if len(latent_shape) != 4:
         raise ValueError(f"latent_shape must be (F, C, H, W), got {tuple(latent_shape)}")
-    sigmas = _student_sigmas(student_timesteps)
+    sigmas = student_sigmas(student_timesteps)
     device = torch.device(device) if device is not None else _device_of(teacher)
     prompts = list(prompts)
     negative, _ = text_encoder([negative_prompt])  # (1, L, D): once for every batch
@@ -106,7 +106,7 @@ def write_ode_pairs(
     return writer.paths
 
 
-def _student_sigmas(timesteps: Sequence[float] | Tensor) -> list[float]:
+def student_sigmas(timesteps: Sequence[float] | Tensor) -> list[float]:
     """Sigmas t / 1000 of a student step list: strictly decreasing in (0, 1], starting at 1 (the noise)."""
     t = torch.as_tensor(timesteps, dtype=torch.float64).flatten()
     if t.numel() == 0:

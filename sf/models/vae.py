@@ -467,9 +467,15 @@ def load_codec(path: str | Path, device: torch.device | str = "cpu") -> VideoCod
 
 
 def vae_loss(
-    codec: WanVAE, video: torch.Tensor, kl_weight: float = 1e-6, generator: torch.Generator | None = None
+    codec: WanVAE, video: torch.Tensor, kl_weight: float = 1e-6, generator: torch.Generator | None = None,
+    sample: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """L1 reconstruction of a posterior sample plus `kl_weight` x KL to N(0, 1), for a video (B, T, 3, H, W).
+
+    ``sample=False`` decodes the posterior mean instead: a fresh VAE's posterior is close to N(0, 1) (its mean
+    is small, its variance 1), so a sample is mostly noise and the decoder learns little until the encoder has
+    shrunk the variance — hundreds of steps that a CPU-sized recipe does not have. The KL term still bounds
+    the latents.
 
     As in LDM (whose kl_weight 1e-6 this keeps), both terms are sums per video; here both are divided by the
     number of pixel values, so the loss reads as a per-pixel L1 error. The decode skips diffusers' clamp so that
@@ -480,7 +486,7 @@ def vae_loss(
     mean, logvar = codec.posterior(video)  # (B, F, C, h, w) each
     mean, logvar = mean.float(), logvar.float()
     noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    z = mean + torch.exp(0.5 * logvar) * noise
+    z = mean + torch.exp(0.5 * logvar) * noise if sample else mean
     recon = codec.decode_raw(z, clamp=False).float()  # (B, T, 3, H, W)
     error = recon - video.float()
     l1 = error.abs().mean()

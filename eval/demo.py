@@ -1,0 +1,140 @@
+"""`make demo`: self-forcing distillation of the shipped world teacher into a 4-step causal student, evaluated.
+
+    python -m eval.demo                               # outputs/demo/<time>/: run, report.json, report.md, plots, videos
+    python -m eval.demo --steps 4 --num-videos 4      # a shortened schedule (the tests)
+
+1. `sf-train experiment=demo`: DMD self-forcing from the shipped ODE init (sf/assets/world/ode_init.safetensors),
+   with the shipped teacher as the real score and a critic initialised from it, as a DeepSpeed job.
+2. `eval/evaluate.py` on the same evaluation captions (world `val` split): the teacher (48 guided steps), the ODE
+   init and the distilled student (4 steps, streamed chunk by chunk), plus each intermediate checkpoint of the
+   run (metric vs step) and long rollouts of the causal models (drift vs horizon).
+3. `eval/report.py`: report.json (teacher / ode_init / student: oracle_score, components, NFE and seconds per
+   frame), report.md, plots/*.png, samples/side_by_side.{mp4,gif}; the summary table is printed.
+
+Acceptance (docs/benchmarks.md): the student keeps >= 90 % of the teacher's oracle score with >= 10x fewer
+network evaluations per frame, and beats the ODE init.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import sf  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET = 0.90  # student / teacher oracle score
+MIN_NFE_REDUCTION = 10.0
+
+
+def distil(run_dir: Path, steps: int | None, processes: int, overrides: list[str]) -> None:
+    """The training job (resumes when run_dir already holds a checkpoint)."""
+    cmd = [f"hydra.run.dir={run_dir}", "experiment=demo", "trainer.keep_last=0", *overrides]
+    if steps is not None:
+        cmd += [f"trainer.max_steps={steps}", f"trainer.checkpoint_every={max(1, steps // 2)}"]
+    threads = max(1, (os.cpu_count() or 1) // processes)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    if processes > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+                    "-m", "sf.train"]
+    else:
+        launcher = [sys.executable, "-m", "sf.train"]
+    print(f"[demo] $ {' '.join(launcher[1:] + cmd)}", flush=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "train.log", "a") as log:
+        code = subprocess.call(launcher + cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    if code != 0:
+        tail = (run_dir / "train.log").read_text().strip().splitlines()[-1:] or [""]
+        raise SystemExit(f"error: distillation failed (exit {code}), see {run_dir / 'train.log'}: {tail[0]}")
+
+
+def acceptance(report: dict) -> dict:
+    teacher, student, ode = report["teacher"], report["student"], report["ode_init"]
+    ratio = student["oracle_score"] / teacher["oracle_score"] if teacher["oracle_score"] > 0 else 0.0
+    reduction = teacher["nfe_per_frame"] / student["nfe_per_frame"]
+    result = {"student_vs_teacher": round(ratio, 4), "target": TARGET, "nfe_reduction": round(reduction, 2),
+              "nfe_target": MIN_NFE_REDUCTION, "beats_ode_init": student["oracle_score"] > ode["oracle_score"]}
+    result["passed"] = ratio >= TARGET and reduction >= MIN_NFE_REDUCTION and result["beats_ode_init"]
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m eval.demo", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    parser.add_argument("--run-dir", type=Path, default=None, help="default: outputs/demo/<date_time>")
+    parser.add_argument("--steps", type=int, default=None, help="training iterations (default: the experiment's)")
+    parser.add_argument("--num-videos", type=int, default=32, help="evaluation videos per model")
+    parser.add_argument("--teacher-steps", type=int, default=48, help="the teacher's sampling steps")
+    parser.add_argument("--processes", type=int, default=1, help="training processes (DeepSpeed ranks)")
+    parser.add_argument("overrides", nargs="*", help="extra sf-train overrides, e.g. optim.generator.lr=1e-5")
+    args = parser.parse_args(argv)
+    begin = time.perf_counter()
+    run_dir = args.run_dir or ROOT / "outputs" / "demo" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+
+    import torch
+
+    from eval.evaluate import ASSETS, ORACLE_DEFINITION, EvalConfig, WorldEvaluator, load_net
+    from eval.report import format_table, write_report
+    from sf.checkpoint import list_checkpoints
+
+    missing = [name for name in ("teacher", "ode_init", "vae", "text_encoder", "classifier")
+               if not (ASSETS / f"{name}.safetensors").exists()]
+    if missing:
+        raise SystemExit(f"error: shipped weights missing in {ASSETS}: {', '.join(missing)} (run `make assets`)")
+
+    distil(run_dir, args.steps, args.processes, args.overrides)
+    trained = time.perf_counter()
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    checkpoints = list_checkpoints(run_dir)
+    rollout = _rollout(checkpoints[-1])
+    evaluator = WorldEvaluator(EvalConfig(num_videos=args.num_videos, teacher_steps=args.teacher_steps))
+    report, samples, drift = {}, {}, {}
+    report["teacher"], videos = evaluator.evaluate_teacher(load_net(ASSETS / "teacher.safetensors"))
+    samples["teacher"] = videos[:4]
+    history = []
+    ode_net = load_net(ASSETS / "ode_init.safetensors")
+    report["ode_init"], videos = evaluator.evaluate_student(ode_net, rollout)
+    samples["ode_init"] = videos[:4]
+    drift["ode_init"] = evaluator.drift(ode_net, rollout)
+    history.append({"step": 0, "oracle_score": report["ode_init"]["oracle_score"], **report["ode_init"]["components"]})
+    for checkpoint in checkpoints:
+        student = load_net(checkpoint / "export" / "generator_ema.safetensors")
+        result, videos = evaluator.evaluate_student(student, rollout)
+        step = int(checkpoint.name.split("_")[-1])
+        history.append({"step": step, "oracle_score": result["oracle_score"], **result["components"]})
+        if checkpoint == checkpoints[-1]:
+            report["student"] = {**result, "weights": str(checkpoint / "export" / "generator_ema.safetensors"),
+                                 "training_steps": step}
+            samples["student"] = videos[:4]
+            drift["student"] = evaluator.drift(student, rollout)
+    report["acceptance"] = acceptance(report)
+    report["oracle_definition"] = ORACLE_DEFINITION
+    report["timing"] = {"train_s": round(trained - begin, 1), "eval_s": round(time.perf_counter() - trained, 1),
+                        "total_s": round(time.perf_counter() - begin, 1), "threads": torch.get_num_threads()}
+    report["commands"] = [" ".join(["python -m eval.demo", *(argv if argv is not None else sys.argv[1:])])]
+    report["history"] = history
+    path = write_report(run_dir, report, history=history, drift=drift, samples=samples,
+                        captions=evaluator.captions[:4], metrics_path=run_dir / "metrics.jsonl")
+    print(format_table(report))
+    print(f"report: {path}")
+
+
+def _rollout(checkpoint: Path):
+    """The run's rollout config (its step list and chunking), from the checkpoint's resolved config."""
+    from omegaconf import OmegaConf
+
+    from sf.distill.rollout import RolloutConfig
+
+    cfg = OmegaConf.to_container(OmegaConf.load(checkpoint / "config.yaml").rollout)
+    return RolloutConfig(**cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,442 @@
+"""World-FVD: the Fréchet distance between videos' features under a small video classifier of the embedded world.
+
+Features. `WorldClassifier` is a 4-layer 3-D CNN trained (`train_classifier`) on videos rendered on the fly from
+the world's ``train`` split to predict each video's truth: the colours, shapes and initial directions present
+(multi-label), the background and the number of objects. It reads every `frame_stride`-th frame (so any clip of
+>= 9 frames works: 81 frames -> 41, 321 -> 161), patchifies 4x4 pixels, then convolves space and time together,
+so a feature sees an object move from cell to cell. Its `feature_dim` (24) features are a linear map of the
+trunk's activations pooled over the whole clip (mean and max) and over its first ~15 frames (the initial
+direction), standardised with the mean and variance of real ``val`` videos (so real features are ~N(0, I) per
+dimension). The heads are linear in the features, so appearance and motion must both show in them.
+
+FVD. With feature means μ and covariances Σ (ddof 1) of two sets of videos,
+
+    FVD = ‖μa − μb‖² + Tr(Σa + Σb − 2 (Σa^½ Σb Σa^½)^½)
+
+in float64, both square roots by symmetric eigendecomposition with tiny negative eigenvalues clipped to 0.
+With 24 dimensions, ~32 videos per set are enough to estimate Σ (the same count the demo generates per model).
+
+Fidelity. ``fidelity = exp(−FVD / FVD_SCALE)`` in [0, 1]: 1 for identical feature statistics. FVD_SCALE = 40
+was measured (`calibrate`: 32 videos per set, reference = ``val`` indices 1000-1031, classifier trained with
+the defaults, seed 0) by
+
+    python -m eval.world_fvd train --out /tmp/world_classifier.safetensors
+    python -m eval.world_fvd calibrate --classifier /tmp/world_classifier.safetensors --trials 5
+
+                          FVD (5 trials: mean, max)   fidelity at the max
+    real vs real (val)     ...                         ...
+    frozen first frame     ...                         ...
+    shuffled frames        ...                         ...
+    uniform noise          ...                         ...
+
+so real videos of other indices score >= 0.8 and broken ones <= 0.3. FVD between sets of n videos is biased
+upwards by ~D/n-scale estimation noise even for identical distributions; compare models at equal n.
+
+    python -m eval.world_fvd score --classifier PATH --videos generated.npz           # vs val videos
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import sf  # noqa: F401  (torchvision compatibility before anything imports it)
+from sf.data.world import BACKGROUNDS, COLOURS, DIRECTIONS, SHAPES, WorldSpec, make_scene, render
+from sf.video import to_uint8
+
+__all__ = [
+    "FVD_SCALE", "ClassifierConfig", "WorldClassifier", "train_classifier", "save_classifier", "load_classifier",
+    "features", "frechet_distance", "world_fvd", "fidelity", "calibrate",
+]
+
+FVD_SCALE = 40.0  # see the module docstring for the measurement
+FORMAT = "sf.world_classifier/1"  # safetensors metadata marker of a classifier file
+MIN_FRAMES = 9
+MAX_OBJECTS = WorldSpec().max_objects
+HEADS: dict[str, int] = {  # name -> logits; the first three are multi-label (present or not), the rest classes
+    "colours": len(COLOURS), "shapes": len(SHAPES), "directions": len(DIRECTIONS),
+    "background": len(BACKGROUNDS), "num_objects": MAX_OBJECTS + 1,
+}
+MULTI_LABEL = ("colours", "shapes", "directions")
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """Shape of the world classifier."""
+
+    feature_dim: int = 24  # small, so ~32 videos estimate the feature covariance
+    channels: tuple[int, ...] = (16, 32, 48, 64)  # patchify stem, then three 3x3x3 convolutions
+    frame_stride: int = 2  # read every 2nd frame: objects move 4 px = one stem cell per step
+    patch: int = 4  # stem patch side, pixels
+    frame_size: int = 64  # the world's frame side; other sizes are refused, never resized
+
+    def __post_init__(self):
+        if len(self.channels) != 4 or self.feature_dim < 1 or self.frame_stride < 1:
+            raise ValueError(f"need 4 channel counts, feature_dim >= 1 and frame_stride >= 1, got {self}")
+
+
+# ------------------------------------------------------------------------------------------------------ model
+
+
+class WorldClassifier(nn.Module):
+    """A 3-D CNN over uint8 (N, T, H, W, 3) world videos: features (N, D) and, from them, the truth's logits."""
+
+    def __init__(self, cfg: ClassifierConfig = ClassifierConfig()):
+        super().__init__()
+        self.cfg = cfg
+        c0, c1, c2, c3 = cfg.channels
+        self.stages = nn.ModuleList([
+            _stage(3, c0, kernel=(3, cfg.patch, cfg.patch), stride=(1, cfg.patch, cfg.patch), padding=(1, 0, 0)),
+            _stage(c0, c1, kernel=3, stride=2, padding=1),  # (N, c1, t/2, 8, 8)
+            _stage(c1, c2, kernel=3, stride=2, padding=1),  # (N, c2, t/4, 4, 4)
+            _stage(c2, c3, kernel=3, stride=1, padding=1),  # (N, c3, t/4, 4, 4)
+        ])
+        self.project = nn.Linear(2 * sum(cfg.channels) + c3, cfg.feature_dim)
+        # no affine: in eval mode this standardises features with stats of real videos (`_standardise_features`)
+        self.feature_norm = nn.BatchNorm1d(cfg.feature_dim, affine=False)
+        self.heads = nn.Linear(cfg.feature_dim, sum(HEADS.values()))
+
+    def forward(self, videos: torch.Tensor, phase: int = 0) -> torch.Tensor:
+        """uint8 (N, T, H, W, 3) -> features (N, D); reads frames phase, phase + stride, ..."""
+        return self.feature_norm(self.raw_features(videos, phase))
+
+    def raw_features(self, videos: torch.Tensor, phase: int = 0) -> torch.Tensor:
+        """Features before standardisation; (N, D)."""
+        self._check(videos)
+        x = videos[:, phase :: self.cfg.frame_stride].permute(0, 4, 1, 2, 3)  # (N, 3, t, H, W)
+        x = x.float() / 127.5 - 1.0
+        pooled = []
+        for stage in self.stages:  # every stage pooled: a short path from the loss to colour-detecting early layers
+            x = stage(x)  # (N, C, t', h, w)
+            pooled += [x.mean(dim=(2, 3, 4)), x.amax(dim=(2, 3, 4))]
+        pooled.append(x[:, :, 0].mean(dim=(2, 3)))  # the first ~15 frames only: the initial direction
+        return self.project(torch.cat(pooled, dim=1))  # (N, D)
+
+    def logits(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-head logits from features: {head: (N, HEADS[head])}."""
+        return dict(zip(HEADS, self.heads(feats).split(list(HEADS.values()), dim=1)))
+
+    def _check(self, videos: torch.Tensor) -> None:
+        """ValueError for input the classifier was not made for."""
+        size = self.cfg.frame_size
+        if videos.dtype != torch.uint8 or videos.ndim != 5 or tuple(videos.shape[2:]) != (size, size, 3):
+            raise ValueError(
+                f"expected uint8 (N, T, {size}, {size}, 3) videos, got {tuple(videos.shape)} {videos.dtype}"
+            )
+        if videos.shape[1] < MIN_FRAMES:
+            raise ValueError(f"videos need at least {MIN_FRAMES} frames, got {videos.shape[1]}")
+
+
+def _stage(in_channels: int, out_channels: int, kernel, stride, padding) -> nn.Sequential:
+    """Conv3d -> BatchNorm3d -> ReLU."""
+    return nn.Sequential(
+        nn.Conv3d(in_channels, out_channels, kernel, stride, padding, bias=False),
+        nn.BatchNorm3d(out_channels),
+        nn.ReLU(),
+    )
+
+
+# ------------------------------------------------------------------------------------------------------ training
+
+
+def scene_targets(scenes: Sequence) -> dict[str, torch.Tensor]:
+    """The truth the heads predict: multi-hot (N, K) for colours/shapes/directions, class indices (N,) else."""
+    claims = [scene.claim() for scene in scenes]
+    vocabularies = {"colours": list(COLOURS), "shapes": list(SHAPES), "directions": list(DIRECTIONS)}
+    attribute = {"colours": "colour", "shapes": "shape", "directions": "direction"}
+    targets = {}
+    for head, vocabulary in vocabularies.items():
+        hot = torch.zeros(len(claims), len(vocabulary))
+        for row, claim in enumerate(claims):
+            for obj in claim.objects:
+                hot[row, vocabulary.index(getattr(obj, attribute[head]))] = 1.0
+        targets[head] = hot
+    targets["background"] = torch.tensor([list(BACKGROUNDS).index(claim.background) for claim in claims])
+    targets["num_objects"] = torch.tensor([len(claim.objects) for claim in claims])
+    return targets
+
+
+def head_losses(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Binary cross-entropy for the multi-label heads, cross-entropy for the class heads."""
+    return {
+        head: F.binary_cross_entropy_with_logits(logits[head], targets[head])
+        if head in MULTI_LABEL else F.cross_entropy(logits[head], targets[head])
+        for head in HEADS
+    }
+
+
+def head_accuracy(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Share of videos whose whole answer is right: the exact set for multi-label heads, the class otherwise."""
+    accuracy = {}
+    for head in HEADS:
+        if head in MULTI_LABEL:
+            right = ((logits[head] > 0).float() == targets[head]).all(dim=1)
+        else:
+            right = logits[head].argmax(dim=1) == targets[head]
+        accuracy[head] = float(right.float().mean())
+    return accuracy
+
+
+def render_batch(split: str, seed: int, indices: Sequence[int], num_frames: int = 81) -> tuple[torch.Tensor, list]:
+    """uint8 (N, T, 64, 64, 3) videos of world scenes (split, seed, index) and the scenes."""
+    scenes = [make_scene(seed, split, int(index)) for index in indices]
+    return torch.from_numpy(np.stack([render(scene, num_frames) for scene in scenes])), scenes
+
+
+def train_classifier(
+    num_steps: int = 400,
+    batch_size: int = 24,
+    seed: int = 0,
+    progress: bool = True,
+    cfg: ClassifierConfig = ClassifierConfig(),
+    lr: float = 3e-3,
+    num_val: int = 256,
+) -> tuple[WorldClassifier, dict]:
+    """Train on fresh ``train`` videos (batch b is indices b*batch_size.., world seed `seed`); metrics include
+    the ``val`` accuracy of every head on `num_val` videos and the mean loss over the first/last tenth of steps.
+
+    Each batch reads its frames from a random phase (0..stride-1) and a random length in [41, 81] from frame 0,
+    so the features hold for other lengths and frame offsets; the truth (initial direction included) is kept.
+    """
+    from tqdm.auto import tqdm
+
+    if num_steps < 1 or batch_size < 2:
+        raise ValueError(f"need num_steps >= 1 and batch_size >= 2, got {num_steps}, {batch_size}")
+    torch.manual_seed(seed)
+    augment = torch.Generator().manual_seed(seed)
+    model = WorldClassifier(cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    warmup = max(1, num_steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / num_steps))
+    )
+    start = time.perf_counter()
+    losses = []
+    model.train()
+    bar = tqdm(range(num_steps), desc="world classifier", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        videos, scenes = render_batch("train", seed, range(step * batch_size, (step + 1) * batch_size))
+        phase = int(torch.randint(cfg.frame_stride, (1,), generator=augment))
+        length = int(torch.randint(41, 82, (1,), generator=augment))
+        logits = model.logits(model(videos[:, :length], phase))
+        loss = sum(head_losses(logits, scene_targets(scenes)).values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(float(loss))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+
+    model.eval()
+    videos, scenes = render_batch("val", seed, range(num_val))
+    _standardise_features(model, videos)
+    with torch.no_grad():
+        logits = model.logits(torch.cat([model(chunk) for chunk in videos.split(32)]))
+    tenth = max(1, num_steps // 10)
+    metrics = {
+        **{f"val_{head}": value for head, value in head_accuracy(logits, scene_targets(scenes)).items()},
+        "loss_first": float(np.mean(losses[:tenth])), "loss_last": float(np.mean(losses[-tenth:])),
+        "num_steps": num_steps, "batch_size": batch_size, "seed": seed, "num_val": num_val,
+        "train_seconds": round(time.perf_counter() - start, 1),
+    }
+    return model, metrics
+
+
+@torch.no_grad()
+def _standardise_features(model: WorldClassifier, videos: torch.Tensor) -> None:
+    """Set the feature norm's statistics to the exact mean/variance of these (real) videos' raw features."""
+    raw = torch.cat([model.raw_features(chunk) for chunk in videos.split(32)])  # (N, D)
+    model.feature_norm.running_mean.copy_(raw.mean(dim=0))
+    model.feature_norm.running_var.copy_(raw.var(dim=0))
+
+
+# ------------------------------------------------------------------------------------------------------ files
+
+
+def save_classifier(model: WorldClassifier, path: str | Path, metrics: dict | None = None) -> Path:
+    """Weights, config and metrics (json metadata) in one safetensors file."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    metadata = {"format": FORMAT, "config": json.dumps(asdict(model.cfg)), "metrics": json.dumps(metrics or {})}
+    save_file(state, str(path), metadata=metadata)
+    return path
+
+
+def load_classifier(path: str | Path) -> WorldClassifier:
+    """A classifier saved by `save_classifier`, in eval mode; ValueError for a missing or foreign file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no world classifier file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as exn:
+        raise ValueError(f"{path} is not a world classifier file (not readable safetensors: {exn})") from None
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a world classifier file (metadata format is {metadata.get('format')!r})")
+    config = json.loads(metadata["config"])
+    model = WorldClassifier(ClassifierConfig(**{**config, "channels": tuple(config["channels"])}))
+    model.load_state_dict(state)
+    model.metrics = json.loads(metadata.get("metrics", "{}"))
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------------ FVD
+
+
+@torch.no_grad()
+def features(model: WorldClassifier, videos, batch_size: int = 16) -> np.ndarray:
+    """Features of videos (a list of uint8 (T, H, W, 3) or float (T, C, H, W) in [-1, 1] arrays, or one
+    (N, T, H, W, 3) array); float64 (N, D). Videos of one call must share their shape."""
+    videos = [to_uint8(video) for video in videos]
+    if len({video.shape for video in videos}) > 1:
+        raise ValueError(f"videos of one call must share a shape, got {sorted({v.shape for v in videos})}")
+    model.eval()
+    chunks = [
+        model(torch.from_numpy(np.stack(videos[start : start + batch_size]))).double().numpy()
+        for start in range(0, len(videos), batch_size)
+    ]
+    return np.concatenate(chunks) if chunks else np.zeros((0, model.cfg.feature_dim))
+
+
+def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
+    """‖μa − μb‖² + Tr(Σa + Σb − 2 (Σa^½ Σb Σa^½)^½) of two (N, D) feature sets, in float64."""
+    a, b = np.asarray(feats_a, dtype=np.float64), np.asarray(feats_b, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"need two (N, D) feature arrays with the same D, got shapes {a.shape} and {b.shape}")
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError(f"need at least 2 samples per set for a covariance, got {len(a)} and {len(b)}")
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        raise ValueError("features contain nan or inf")
+    cov_a, cov_b = np.cov(a, rowvar=False, ddof=1).reshape(a.shape[1], -1), np.cov(b, rowvar=False, ddof=1).reshape(
+        b.shape[1], -1
+    )
+    root_a = _sqrtm_psd(cov_a)
+    middle = root_a @ cov_b @ root_a
+    eigenvalues = np.linalg.eigvalsh((middle + middle.T) / 2)
+    cross = np.sqrt(np.clip(eigenvalues, 0.0, None)).sum()  # Tr((Σa^½ Σb Σa^½)^½)
+    mean_term = float(np.sum((a.mean(axis=0) - b.mean(axis=0)) ** 2))
+    return max(0.0, mean_term + float(np.trace(cov_a) + np.trace(cov_b) - 2.0 * cross))
+
+
+def _sqrtm_psd(matrix: np.ndarray) -> np.ndarray:
+    """Square root of a symmetric positive semi-definite matrix (negative rounding-error eigenvalues -> 0)."""
+    eigenvalues, vectors = np.linalg.eigh((matrix + matrix.T) / 2)
+    return (vectors * np.sqrt(np.clip(eigenvalues, 0.0, None))) @ vectors.T
+
+
+def world_fvd(model: WorldClassifier, videos, reference_videos, batch_size: int = 16) -> float:
+    """Fréchet distance between the classifier features of videos and of reference videos."""
+    return frechet_distance(features(model, videos, batch_size), features(model, reference_videos, batch_size))
+
+
+def fidelity(fvd: float, scale: float = FVD_SCALE) -> float:
+    """exp(−fvd / scale) in [0, 1]: 1 for matching feature statistics, ~0 for unrelated videos."""
+    if scale <= 0 or math.isnan(fvd):
+        raise ValueError(f"need a positive scale and a number for fvd, got scale {scale}, fvd {fvd}")
+    return math.exp(-max(fvd, 0.0) / scale)
+
+
+# ------------------------------------------------------------------------------------------------------ calibration
+
+
+def broken_videos(videos: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
+    """Clearly broken versions of uint8 (N, T, H, W, 3) videos: frozen first frame, shuffled frames, noise."""
+    rng = np.random.default_rng(seed)
+    shuffled = np.stack([video[rng.permutation(len(video))] for video in videos])
+    return {
+        "frozen": np.repeat(videos[:, :1], videos.shape[1], axis=1),
+        "shuffled": shuffled,
+        "noise": rng.integers(0, 256, size=videos.shape, dtype=np.uint8),
+    }
+
+
+def calibrate(model: WorldClassifier, num_videos: int = 32, num_trials: int = 1, num_frames: int = 81) -> dict:
+    """FVD of real ``val`` videos of other indices, and of broken versions of them, against ``val`` indices
+    1000..; trial k compares indices 2000 + k * num_videos.. . {kind: [fvd per trial]}."""
+    reference, _ = render_batch("val", 0, range(1000, 1000 + num_videos), num_frames)
+    reference_feats = features(model, reference.numpy())
+    results: dict[str, list[float]] = {"real": [], "frozen": [], "shuffled": [], "noise": []}
+    for trial in range(num_trials):
+        first = 2000 + trial * num_videos
+        videos = render_batch("val", 0, range(first, first + num_videos), num_frames)[0].numpy()
+        for kind, sample in {"real": videos, **broken_videos(videos, seed=trial)}.items():
+            results[kind].append(frechet_distance(features(model, sample), reference_feats))
+    return results
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+
+
+def _load_videos(path: str) -> np.ndarray:
+    """The 'videos' array of an npz file (else its only array): uint8 (N, T, H, W, 3)."""
+    with np.load(path, allow_pickle=False) as data:
+        names = list(data.keys())
+        if "videos" not in names and len(names) != 1:
+            raise ValueError(f"{path}: expected a 'videos' array (or a single array), found {names}")
+        return data["videos" if "videos" in names else names[0]]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """World-FVD: train the world classifier, score videos against real world videos, or calibrate the scale."""
+    parser = argparse.ArgumentParser(prog="python -m eval.world_fvd", description=main.__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="train the classifier on rendered world videos and save it")
+    train.add_argument("--out", required=True, help="output .safetensors path")
+    train.add_argument("--steps", type=int, default=400, help="optimizer steps (default: 400)")
+    train.add_argument("--batch-size", type=int, default=24, help="videos per step (default: 24)")
+    train.add_argument("--seed", type=int, default=0, help="init, data stream and augmentation seed (default: 0)")
+    train.add_argument("--no-progress", action="store_true")
+    score = commands.add_parser("score", help="FVD and fidelity of videos in an npz against reference videos")
+    score.add_argument("--classifier", required=True, help="a file written by 'train'")
+    score.add_argument("--videos-npz", required=True, help="npz with a uint8 (N, T, 64, 64, 3) 'videos' array")
+    score.add_argument(
+        "--reference-npz", help="npz of reference videos (default: N val videos of the same length, indices 1000..)"
+    )
+    calibration = commands.add_parser("calibrate", help="FVD of real vs real and vs broken val videos")
+    calibration.add_argument("--classifier", required=True, help="a file written by 'train'")
+    calibration.add_argument("--num-videos", type=int, default=32, help="videos per set (default: 32)")
+    calibration.add_argument("--trials", type=int, default=1, help="disjoint sets compared to the reference")
+    args = parser.parse_args(argv)
+
+    if args.command == "train":
+        model, metrics = train_classifier(args.steps, args.batch_size, args.seed, progress=not args.no_progress)
+        path = save_classifier(model, args.out, metrics)
+        print(json.dumps({"saved": str(path), **metrics}, indent=1))
+    elif args.command == "score":
+        model = load_classifier(args.classifier)
+        videos = _load_videos(args.videos_npz)
+        if args.reference_npz:
+            reference = _load_videos(args.reference_npz)
+        else:
+            reference = render_batch("val", 0, range(1000, 1000 + len(videos)), videos.shape[1])[0].numpy()
+        fvd = world_fvd(model, videos, reference)
+        print(json.dumps({"world_fvd": fvd, "fidelity": fidelity(fvd), "num_videos": len(videos)}))
+    else:
+        results = calibrate(load_classifier(args.classifier), args.num_videos, args.trials)
+        for kind, values in results.items():
+            worst = max(values) if kind == "real" else min(values)
+            print(f"{kind:9s} FVD mean {np.mean(values):9.2f}  {'max' if kind == 'real' else 'min'} {worst:9.2f}"
+                  f"  fidelity {fidelity(worst):.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""The shipped world weights, the evaluator on ground truth, and `make demo` on a shortened schedule."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from launch import REPO, job_env
+
+from eval.evaluate import ASSETS, COMPONENTS, CountedNet, EvalConfig, WorldEvaluator, model_score
+from sf.distill.rollout import RolloutConfig
+
+
+def test_model_score_is_a_geometric_mean_that_any_zero_sinks():
+    perfect = dict.fromkeys(COMPONENTS, 1.0)
+    assert model_score(perfect) == 1.0
+    assert model_score({**perfect, "fidelity": 0.0}) == 0.0
+    assert model_score({**perfect, "motion_consistency": float("nan")}) == 0.0
+    assert model_score({**perfect, "prompt_adherence": 0.5}) == pytest.approx(0.5 ** 0.25)
+
+
+@pytest.fixture(scope="module")
+def evaluator():
+    return WorldEvaluator(EvalConfig(num_videos=16, batch_size=8), progress=False)
+
+
+def test_shipped_assets_are_there_with_their_provenance():
+    for name in ("vae", "teacher", "ode_init", "classifier"):
+        assert (ASSETS / f"{name}.safetensors").stat().st_size > 0
+        record = json.loads((ASSETS / f"{name}.json").read_text())
+        assert record["bytes"] == (ASSETS / f"{name}.safetensors").stat().st_size
+    for name in ("vae", "teacher", "ode_init"):
+        assert json.loads((ASSETS / f"{name}.json").read_text())["command"].startswith("sf-train experiment=world_")
+
+
+def test_evaluator_on_ground_truth(evaluator):
+    """Real videos score near 1; frozen frames and wrong captions score low."""
+    real = evaluator.score(evaluator.real)
+    assert real["oracle_score"] >= 0.9 and real["components"]["fidelity"] >= 0.8
+    frozen = evaluator.score(np.repeat(evaluator.real[:, :1], evaluator.real.shape[1], axis=1))
+    assert frozen["oracle_score"] <= 0.3
+    captions = evaluator.captions
+    try:
+        evaluator.captions = captions[1:] + captions[:1]
+        shuffled = evaluator.score(evaluator.real)
+    finally:
+        evaluator.captions = captions
+    assert shuffled["components"]["prompt_adherence"] <= 0.5 and shuffled["oracle_score"] < real["oracle_score"]
+
+
+def test_vae_round_trip_of_real_world_clips_keeps_the_oracle(evaluator):
+    """The shipped VAE: 81 frames -> 21 latent frames -> 81 frames that the oracle still reads correctly."""
+    from sf.models.vae import video_from_uint8
+
+    clips = torch.stack([video_from_uint8(v) for v in evaluator.real[:4]])
+    latents = evaluator.codec.encode(clips)
+    assert latents.shape == (4, 21, 16, 8, 8)
+    decoded = evaluator.decode(latents)
+    assert decoded.shape == evaluator.real[:4].shape
+    from eval.oracle import score_videos
+
+    assert score_videos(list(decoded), evaluator.captions[:4])["prompt_adherence"] >= 0.75
+
+
+def test_network_evaluations_are_counted_not_assumed(evaluator):
+    from eval.evaluate import load_net
+
+    net = load_net(ASSETS / "ode_init.safetensors")
+    rollout = RolloutConfig(num_frames=21, frames_per_block=3)
+    evaluator.cfg.num_videos, evaluator.cfg.teacher_steps = 2, 3
+    try:
+        _, student_nfe, _ = evaluator.generate_student(net, rollout)
+        _, teacher_nfe, _ = evaluator.generate_teacher(load_net(ASSETS / "teacher.safetensors"))
+    finally:
+        evaluator.cfg.num_videos, evaluator.cfg.teacher_steps = 16, 48
+    assert student_nfe == 5.0  # 4 denoising steps + the pass writing the clean chunk into the cache
+    assert teacher_nfe == 6.0  # 3 steps x (conditional + unconditional)
+    counted = CountedNet(lambda x, t, c, **kw: x)
+    counted(torch.zeros(2, 3, 1, 1, 1), None, None)
+    assert counted.frame_evals == 6
+
+
+@pytest.mark.slow
+def test_make_demo_on_a_shortened_schedule(tmp_path):
+    run_dir = tmp_path / "demo"
+    result = subprocess.run([sys.executable, "-m", "eval.demo", "--run-dir", str(run_dir), "--steps", "2",
+                             "--num-videos", "4", "--teacher-steps", "4"], cwd=REPO, env=job_env(),
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    report = json.loads((run_dir / "report.json").read_text())
+    for name in ("teacher", "ode_init", "student"):
+        entry = report[name]
+        assert 0.0 <= entry["oracle_score"] <= 1.0 and entry["num_videos"] == 4
+        assert set(entry["components"]) == set(COMPONENTS)
+        assert entry["seconds_per_frame"] > 0
+    assert report["teacher"]["nfe_per_frame"] == 8.0 and report["student"]["nfe_per_frame"] == 5.0
+    assert report["student"]["training_steps"] == 2
+    assert [h["step"] for h in report["history"]] == [0, 1, 2]
+    assert set(report["acceptance"]) >= {"student_vs_teacher", "nfe_reduction", "beats_ode_init", "passed"}
+    for path in ("report.md", "plots/losses.png", "plots/metric_vs_step.png", "plots/drift_vs_horizon.png",
+                 "samples/side_by_side.mp4", "samples/side_by_side.gif"):
+        assert (run_dir / path).stat().st_size > 0, path
+    assert "report:" in result.stdout and "student" in result.stdout
