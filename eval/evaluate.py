@@ -21,7 +21,6 @@ on), from the same seeded noise per caption, decoded by the shipped VAE. Then, p
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from dataclasses import dataclass

@@ -62,12 +62,15 @@ __all__ = [
 FVD_SCALE = 40.0  # see the module docstring for the measurement
 FORMAT = "sf.world_classifier/1"  # safetensors metadata marker of a classifier file
 MIN_FRAMES = 9
+IN_CHANNELS = 7  # RGB, then motion energy to the right, down, left and up
+EARLY_FRAMES = 16  # objects run >= 8 frames (WorldSpec.min_run) before a bounce
 MAX_OBJECTS = WorldSpec().max_objects
-HEADS: dict[str, int] = {  # name -> logits; the first three are multi-label (present or not), the rest classes
-    "colours": len(COLOURS), "shapes": len(SHAPES), "directions": len(DIRECTIONS),
-    "background": len(BACKGROUNDS), "num_objects": MAX_OBJECTS + 1,
+HEADS: dict[str, int] = {  # name -> logits
+    "colours": len(COLOURS), "shapes": len(SHAPES), "directions": len(DIRECTIONS),  # present or not, each
+    "background": len(BACKGROUNDS), "num_objects": MAX_OBJECTS + 1,  # classes
+    "coherent": 1,  # real (1) or broken in time by `stutter_or_jumble` (0)
 }
-MULTI_LABEL = ("colours", "shapes", "directions")
+MULTI_LABEL = ("colours", "shapes", "directions", "coherent")
 
 
 @dataclass(frozen=True)
@@ -75,14 +78,13 @@ class ClassifierConfig:
     """Shape of the world classifier."""
 
     feature_dim: int = 24  # small, so ~32 videos estimate the feature covariance
-    channels: tuple[int, ...] = (16, 32, 48, 64)  # patchify stem, then three 3x3x3 convolutions
+    channels: tuple[int, ...] = (8, 16, 32, 48, 64)  # two per-frame convolutions, then three 3x3x3
     frame_stride: int = 2  # read every 2nd frame: objects move 4 px = one stem cell per step
-    patch: int = 4  # stem patch side, pixels
     frame_size: int = 64  # the world's frame side; other sizes are refused, never resized
 
     def __post_init__(self):
-        if len(self.channels) != 4 or self.feature_dim < 1 or self.frame_stride < 1:
-            raise ValueError(f"need 4 channel counts, feature_dim >= 1 and frame_stride >= 1, got {self}")
+        if len(self.channels) != 5 or self.feature_dim < 1 or self.frame_stride < 1:
+            raise ValueError(f"need 5 channel counts, feature_dim >= 1 and frame_stride >= 1, got {self}")
 
 
 # ------------------------------------------------------------------------------------------------------ model
@@ -94,33 +96,44 @@ class WorldClassifier(nn.Module):
     def __init__(self, cfg: ClassifierConfig = ClassifierConfig()):
         super().__init__()
         self.cfg = cfg
-        c0, c1, c2, c3 = cfg.channels
-        self.stages = nn.ModuleList([
-            _stage(3, c0, kernel=(3, cfg.patch, cfg.patch), stride=(1, cfg.patch, cfg.patch), padding=(1, 0, 0)),
-            _stage(c0, c1, kernel=3, stride=2, padding=1),  # (N, c1, t/2, 8, 8)
-            _stage(c1, c2, kernel=3, stride=2, padding=1),  # (N, c2, t/4, 4, 4)
-            _stage(c2, c3, kernel=3, stride=1, padding=1),  # (N, c3, t/4, 4, 4)
+        c0, c1, c2, c3, c4 = cfg.channels
+        self.stages = nn.ModuleList([  # frame by frame to 16x16 cells, then space and time together
+            nn.Conv3d(IN_CHANNELS, c0, kernel_size=(1, 2, 2), stride=(1, 2, 2)),  # (N, c0, t, 32, 32)
+            nn.Conv3d(c0, c1, kernel_size=(1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)),  # (N, c1, t, 16, 16)
+            nn.Conv3d(c1, c2, kernel_size=3, stride=2, padding=1),  # (N, c2, t/2, 8, 8)
+            nn.Conv3d(c2, c3, kernel_size=3, stride=2, padding=1),  # (N, c3, t/4, 4, 4)
+            nn.Conv3d(c3, c4, kernel_size=3, stride=1, padding=1),  # (N, c4, t/4, 4, 4)
         ])
-        self.project = nn.Linear(2 * sum(cfg.channels) + c3, cfg.feature_dim)
-        # no affine: in eval mode this standardises features with stats of real videos (`_standardise_features`)
-        self.feature_norm = nn.BatchNorm1d(cfg.feature_dim, affine=False)
+        num_pooled = 4 * (IN_CHANNELS + sum(cfg.channels))
+        # pooled statistics differ in scale by orders of magnitude (the mean of sparse motion vs a max of colour)
+        self.pooled_norm = nn.BatchNorm1d(num_pooled, affine=False)
+        self.project = nn.Linear(num_pooled, cfg.feature_dim)
         self.heads = nn.Linear(cfg.feature_dim, sum(HEADS.values()))
+        # features are standardised with the statistics of real videos once trained (`_standardise_features`)
+        self.register_buffer("feature_mean", torch.zeros(cfg.feature_dim))
+        self.register_buffer("feature_std", torch.ones(cfg.feature_dim))
 
     def forward(self, videos: torch.Tensor, phase: int = 0) -> torch.Tensor:
         """uint8 (N, T, H, W, 3) -> features (N, D); reads frames phase, phase + stride, ..."""
-        return self.feature_norm(self.raw_features(videos, phase))
+        return (self.raw_features(videos, phase) - self.feature_mean) / self.feature_std
 
     def raw_features(self, videos: torch.Tensor, phase: int = 0) -> torch.Tensor:
         """Features before standardisation; (N, D)."""
         self._check(videos)
         x = videos[:, phase :: self.cfg.frame_stride].permute(0, 4, 1, 2, 3)  # (N, 3, t, H, W)
         x = x.float() / 127.5 - 1.0
-        pooled = []
-        for stage in self.stages:  # every stage pooled: a short path from the loss to colour-detecting early layers
-            x = stage(x)  # (N, C, t', h, w)
-            pooled += [x.mean(dim=(2, 3, 4)), x.amax(dim=(2, 3, 4))]
-        pooled.append(x[:, :, 0].mean(dim=(2, 3)))  # the first ~15 frames only: the initial direction
-        return self.project(torch.cat(pooled, dim=1))  # (N, D)
+        motion = motion_energy(x)  # (N, 2, t, H, W)
+        x = torch.cat([x, F.relu(motion), F.relu(-motion)], dim=1)  # (N, 7, t, H, W)
+        pooled, frames_per_step = [], self.cfg.frame_stride
+        for stage in (None, *self.stages):  # None: the input itself, so motion is one linear map from the loss
+            if stage is not None:
+                x = F.relu(stage(x))  # (N, C, t', h, w)
+                frames_per_step *= stage.stride[0]
+            early = x[:, :, : math.ceil(EARLY_FRAMES / frames_per_step)]  # (N, C, e, h, w)
+            # every stage pooled: a short path from the loss to colour-detecting early layers; the early window
+            # shows the initial direction before any bounce
+            pooled += [x.mean(dim=(2, 3, 4)), x.amax(dim=(2, 3, 4)), early.mean(dim=(2, 3, 4)), early.amax(dim=(2, 3, 4))]
+        return self.project(self.pooled_norm(torch.cat(pooled, dim=1)))  # (N, D)
 
     def logits(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-head logits from features: {head: (N, HEADS[head])}."""
@@ -137,13 +150,17 @@ class WorldClassifier(nn.Module):
             raise ValueError(f"videos need at least {MIN_FRAMES} frames, got {videos.shape[1]}")
 
 
-def _stage(in_channels: int, out_channels: int, kernel, stride, padding) -> nn.Sequential:
-    """Conv3d -> BatchNorm3d -> ReLU."""
-    return nn.Sequential(
-        nn.Conv3d(in_channels, out_channels, kernel, stride, padding, bias=False),
-        nn.BatchNorm3d(out_channels),
-        nn.ReLU(),
-    )
+def motion_energy(frames: torch.Tensor) -> torch.Tensor:
+    """Local motion along x and y of (N, 3, t, H, W) frames: −∂t·∂x and −∂t·∂y summed over colour channels, by
+    central differences (zero at the borders); (N, 2, t, H, W), positive where something moves right/down.
+
+    By brightness constancy ∂t + v·∇ = 0 an edge moving with velocity v has −∂t ∂x = v_x (∂x)², whatever its
+    contrast, so the sign of motion is a local, linear read-out instead of something the CNN must discover.
+    """
+    dt = F.pad(frames[:, :, 2:] - frames[:, :, :-2], (0, 0, 0, 0, 1, 1))
+    dx = F.pad(frames[..., 2:] - frames[..., :-2], (1, 1))
+    dy = F.pad(frames[..., 2:, :] - frames[..., :-2, :], (0, 0, 1, 1))
+    return -torch.stack([(dt * dx).sum(dim=1), (dt * dy).sum(dim=1)], dim=1) / 4
 
 
 # ------------------------------------------------------------------------------------------------------ training
@@ -167,24 +184,44 @@ def scene_targets(scenes: Sequence) -> dict[str, torch.Tensor]:
 
 
 def head_losses(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Binary cross-entropy for the multi-label heads, cross-entropy for the class heads."""
-    return {
-        head: F.binary_cross_entropy_with_logits(logits[head], targets[head])
-        if head in MULTI_LABEL else F.cross_entropy(logits[head], targets[head])
-        for head in HEADS
-    }
+    """Binary cross-entropy for the multi-label heads, cross-entropy for the class heads; a head's target may
+    cover only the first rows (the truth heads see real videos only, `coherent` every video)."""
+    losses = {}
+    for head, target in targets.items():
+        logit = logits[head][: len(target)]
+        if head in MULTI_LABEL:
+            losses[head] = F.binary_cross_entropy_with_logits(logit, target)
+        else:
+            losses[head] = F.cross_entropy(logit, target)
+    return losses
 
 
 def head_accuracy(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> dict[str, float]:
     """Share of videos whose whole answer is right: the exact set for multi-label heads, the class otherwise."""
     accuracy = {}
-    for head in HEADS:
+    for head, target in targets.items():
+        logit = logits[head][: len(target)]
         if head in MULTI_LABEL:
-            right = ((logits[head] > 0).float() == targets[head]).all(dim=1)
+            right = ((logit > 0).float() == target).all(dim=1)
         else:
-            right = logits[head].argmax(dim=1) == targets[head]
+            right = logit.argmax(dim=1) == target
         accuracy[head] = float(right.float().mean())
     return accuracy
+
+
+def stutter_or_jumble(videos: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Copies of uint8 (N, T, H, W, 3) videos, each broken once in time: one frame held for 6-24 frames (a
+    stutter) or a window of 8-24 frames in random order (a jumble). The negatives of the `coherent` head:
+    local breaks, so whole-clip freezes and shuffles (`broken_videos`, the calibration) are never seen."""
+    broken = videos.clone()
+    num_frames = videos.shape[1]
+    for video in broken:
+        stutter = bool(torch.rand(1, generator=generator) < 0.5)
+        span = min(num_frames, int(torch.randint(6 if stutter else 8, 25, (1,), generator=generator)))
+        start = int(torch.randint(num_frames - span + 1, (1,), generator=generator))
+        window = video[start : start + span]
+        window[:] = window[0].clone() if stutter else window[torch.randperm(span, generator=generator)].clone()
+    return broken
 
 
 def render_batch(split: str, seed: int, indices: Sequence[int], num_frames: int = 81) -> tuple[torch.Tensor, list]:
@@ -199,7 +236,7 @@ def train_classifier(
     seed: int = 0,
     progress: bool = True,
     cfg: ClassifierConfig = ClassifierConfig(),
-    lr: float = 3e-3,
+    lr: float = 1e-2,
     num_val: int = 256,
 ) -> tuple[WorldClassifier, dict]:
     """Train on fresh ``train`` videos (batch b is indices b*batch_size.., world seed `seed`); metrics include
@@ -228,24 +265,27 @@ def train_classifier(
         videos, scenes = render_batch("train", seed, range(step * batch_size, (step + 1) * batch_size))
         phase = int(torch.randint(cfg.frame_stride, (1,), generator=augment))
         length = int(torch.randint(41, 82, (1,), generator=augment))
-        logits = model.logits(model(videos[:, :length], phase))
-        loss = sum(head_losses(logits, scene_targets(scenes)).values())
+        videos = videos[:, :length]
+        broken = stutter_or_jumble(videos[: batch_size // 3], augment)
+        logits = model.logits(model(torch.cat([videos, broken]), phase))
+        loss = sum(head_losses(logits, _targets(scenes, len(broken))).values())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
 
     model.eval()
     videos, scenes = render_batch("val", seed, range(num_val))
     _standardise_features(model, videos)
+    broken = stutter_or_jumble(videos[: num_val // 2], torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        logits = model.logits(torch.cat([model(chunk) for chunk in videos.split(32)]))
+        logits = model.logits(torch.cat([model(chunk) for chunk in torch.cat([videos, broken]).split(32)]))
     tenth = max(1, num_steps // 10)
     metrics = {
-        **{f"val_{head}": value for head, value in head_accuracy(logits, scene_targets(scenes)).items()},
+        **{f"val_{head}": value for head, value in head_accuracy(logits, _targets(scenes, len(broken))).items()},
         "loss_first": float(np.mean(losses[:tenth])), "loss_last": float(np.mean(losses[-tenth:])),
         "num_steps": num_steps, "batch_size": batch_size, "seed": seed, "num_val": num_val,
         "train_seconds": round(time.perf_counter() - start, 1),
@@ -253,12 +293,22 @@ def train_classifier(
     return model, metrics
 
 
+def _targets(scenes: Sequence, num_broken: int) -> dict[str, torch.Tensor]:
+    """Targets for a batch of real videos of these scenes followed by `num_broken` broken ones."""
+    coherent = torch.cat([torch.ones(len(scenes), 1), torch.zeros(num_broken, 1)])
+    return {**scene_targets(scenes), "coherent": coherent}
+
+
 @torch.no_grad()
 def _standardise_features(model: WorldClassifier, videos: torch.Tensor) -> None:
-    """Set the feature norm's statistics to the exact mean/variance of these (real) videos' raw features."""
+    """Standardise features with the mean/std of these (real) videos' raw features; the heads keep their logits."""
     raw = torch.cat([model.raw_features(chunk) for chunk in videos.split(32)])  # (N, D)
-    model.feature_norm.running_mean.copy_(raw.mean(dim=0))
-    model.feature_norm.running_var.copy_(raw.var(dim=0))
+    mean, std = raw.mean(dim=0), raw.std(dim=0).clamp_min(1e-6)
+    # heads(raw) = W raw + b = (W * std) standardised + (b + W mean)
+    model.heads.bias.add_(model.heads.weight @ ((mean - model.feature_mean) / model.feature_std))
+    model.heads.weight.mul_(std / model.feature_std)
+    model.feature_mean.copy_(mean)
+    model.feature_std.copy_(std)
 
 
 # ------------------------------------------------------------------------------------------------------ files
@@ -404,6 +454,7 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--steps", type=int, default=400, help="optimizer steps (default: 400)")
     train.add_argument("--batch-size", type=int, default=24, help="videos per step (default: 24)")
     train.add_argument("--seed", type=int, default=0, help="init, data stream and augmentation seed (default: 0)")
+    train.add_argument("--num-val", type=int, default=256, help="val videos for the reported accuracy (default: 256)")
     train.add_argument("--no-progress", action="store_true")
     score = commands.add_parser("score", help="FVD and fidelity of videos in an npz against reference videos")
     score.add_argument("--classifier", required=True, help="a file written by 'train'")
@@ -418,7 +469,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if args.command == "train":
-        model, metrics = train_classifier(args.steps, args.batch_size, args.seed, progress=not args.no_progress)
+        model, metrics = train_classifier(
+            args.steps, args.batch_size, args.seed, progress=not args.no_progress, num_val=args.num_val
+        )
         path = save_classifier(model, args.out, metrics)
         print(json.dumps({"saved": str(path), **metrics}, indent=1))
     elif args.command == "score":

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from sf.rng import SampleNoise, seed_for
-from sf.tasks.base import copy_weights
-from sf.tasks.distill import check_finite
+from sf.tasks.base import check_finite, copy_weights
 from sf.train import set_lr
 from sf.models import VideoDiT, dit_config
 from sf.models.convert import CheckpointError

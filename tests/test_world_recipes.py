@@ -54,7 +54,7 @@ def test_bank_with_nothing_usable_names_the_shards(tmp_path):
         SampleBank(spec, decode_latent_sample)
 
 
-TEACHER_RUN = ["task=teacher", "model.overrides={text_dim: 64}", "data.batch_size=1", "trainer.max_steps=4",
+TEACHER_RUN = ["experiment=smoke", "task=teacher", "data.batch_size=1", "trainer.max_steps=4",
                "trainer.checkpoint_every=2", "optim.generator.lr=1e-3", "flow.ema_decay=0.9", "flow.caption_dropout=0.5"]
 
 

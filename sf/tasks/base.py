@@ -55,6 +55,18 @@ class Job:
     def log_media(self, step: int, logger) -> None:
         """Sample videos (called on every rank: ZeRO-3 forwards are collective)."""
 
+    def micro_batch(self, step: int, micro: int) -> tuple[list[dict], list[int]]:
+        """This rank's samples of one micro-batch from `self.bank` (a SampleBank), and their global positions."""
+        cfg, d = self.cfg, self.dist
+        where = (step, micro, cfg.trainer.grad_accum_steps, d.rank, d.world_size, cfg.data.batch_size)
+        return self.bank.batch(cfg.seed, *where), self.bank.positions(*where)
+
+    def optimise(self, engine, loss: torch.Tensor, what: str, step: int) -> None:
+        """Backward and step `engine` on a loss every rank has checked to be finite."""
+        check_finite(loss, what, step, self.device)
+        engine.backward(loss)
+        engine.step()
+
     def export(self, name: str, state: dict[str, torch.Tensor], path: Path, step: int) -> None:
         """Write the full weights of `name` (an engine or the EMA) as a standalone file (rank 0)."""
         save_state_dict(state, self.model_config(name), path, extra_metadata={"step": step})
@@ -64,6 +76,18 @@ class Job:
 
 
 # ---------------------------------------------------------------------------------------------------- builders
+
+
+def check_finite(loss: torch.Tensor, what: str, step: int, device) -> None:
+    """Stop every rank before a non-finite loss reaches the weights (the last checkpoint stays good)."""
+    bad = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    if bad.item():
+        raise FloatingPointError(
+            f"non-finite {what} loss at step {step} (on some rank); weights not updated, "
+            f"resume from the last checkpoint (rerun the command), e.g. with a lower learning rate"
+        )
 
 
 def build_net(net: NetConfig, seed: int) -> VideoDiT:

@@ -56,18 +56,6 @@ def exits_agree(exit_steps: torch.Tensor) -> float:
     return float(all(d == drawn[0] for d in drawn))
 
 
-def check_finite(loss: torch.Tensor, what: str, step: int, device) -> None:
-    """Stop every rank before a non-finite loss reaches the weights (the last checkpoint stays good)."""
-    bad = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=device)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-    if bad.item():
-        raise FloatingPointError(
-            f"non-finite {what} loss at step {step} (on some rank); weights not updated, "
-            f"resume from the last checkpoint (rerun the command), e.g. with a lower learning rate"
-        )
-
-
 class DistillJob(Job):
     """Generator + critic engines against a frozen (possibly ZeRO-3 sharded) teacher; EMA of the generator."""
 
@@ -170,9 +158,7 @@ class DistillJob(Job):
                     loss, stats = sid_loss(video, real, fake, t, eps, alpha=cfg.distill.sid_alpha)
                 else:
                     loss, stats = dmd_loss(video, real, fake, t, eps)
-            check_finite(loss, "generator", step, self.device)
-            self.gen.backward(loss)
-            self.gen.step()
+            self.optimise(self.gen, loss, "generator", step)
             accumulate(out, {"loss/generator": loss.item(), **{f"dmd/{k}": float(v) for k, v in stats.items()},
                              "rollout/exit_step": float(rollout.exit_steps.float().mean()),
                              "rollout/exit_steps_agree": exits_agree(rollout.exit_steps)},
@@ -189,9 +175,7 @@ class DistillJob(Job):
                 rollout, t, eps = self.roll_out(step, micro, "critic", ctx)
             loss = critic_loss(lambda x, tt: in_dtype(self.critic, self.dtype)(x, tt, ctx), rollout.video.float(),
                                t, eps)
-            check_finite(loss, "critic", step, self.device)
-            self.critic.backward(loss)
-            self.critic.step()
+            self.optimise(self.critic, loss, "critic", step)
             accumulate(out, {"loss/critic": loss.item(), "rollout/exit_steps_agree": exits_agree(rollout.exit_steps)},
                        cfg.trainer.grad_accum_steps)
         out["grad_norm/critic"] = float(self.critic.get_global_grad_norm() or 0.0)

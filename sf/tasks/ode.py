@@ -99,18 +99,14 @@ class OdeJob(Job):
         cfg, d, out = self.cfg, self.dist, {}
         accum = cfg.trainer.grad_accum_steps
         for micro in range(accum):
-            samples = self.bank.batch(cfg.seed, step, micro, accum, d.rank, d.world_size, cfg.data.batch_size)
+            samples, _ = self.micro_batch(step, micro)
             context, _ = self.text([s["prompt"] for s in samples])
             trajectory = torch.stack([s["trajectory"] for s in samples]).to(self.device)  # (B, K, F, C, h, w)
             clean = torch.stack([s["clean"] for s in samples]).to(self.device)
             generator = torch.Generator().manual_seed(seed_for(cfg.seed, "ode", step, d.rank, micro))
             loss = ode_regression_loss(in_dtype(self.engine, self.dtype), trajectory, samples[0]["sigmas"], clean,
                                        context.to(self.device, self.dtype), cfg.rollout.causal, generator=generator)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite ODE regression loss at step {step}; weights not updated, "
-                                         f"resume from the last checkpoint with a lower learning rate")
-            self.engine.backward(loss)
-            self.engine.step()
+            self.optimise(self.engine, loss, "ODE regression", step)
             accumulate(out, {"loss/ode": loss.item()}, accum)
         out["grad_norm/generator"] = float(self.engine.get_global_grad_norm() or 0.0)
         if self.ema is not None:

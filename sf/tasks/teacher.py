@@ -45,11 +45,9 @@ class TeacherJob(Job):
         return self.net_cfg
 
     def step(self, step: int) -> dict:
-        cfg, d, out = self.cfg, self.dist, {}
-        accum, batch_size = cfg.trainer.grad_accum_steps, cfg.data.batch_size
+        cfg, out, accum = self.cfg, {}, self.cfg.trainer.grad_accum_steps
         for micro in range(accum):
-            samples = self.bank.batch(cfg.seed, step, micro, accum, d.rank, d.world_size, batch_size)
-            positions = self.bank.positions(step, micro, accum, d.rank, d.world_size, batch_size)
+            samples, positions = self.micro_batch(step, micro)
             noise = SampleNoise([seed_for(cfg.seed, "flow", p) for p in positions], device=self.device)
             drop = [torch.rand(1, generator=g).item() < cfg.flow.caption_dropout for g in noise.generators]
             prompts = [cfg.text.negative_prompt if dropped else s["prompt"] for s, dropped in zip(samples, drop)]
@@ -58,11 +56,7 @@ class TeacherJob(Job):
             t = noise.dmd_timestep(cfg.flow.timestep_shift, 0.0, 1.0)  # (B,) in [0, 1000]
             loss = flow_matching_loss(in_dtype(self.engine, self.dtype), x0, t, noise.randn_like(x0),
                                       context.to(self.device, self.dtype))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite teacher loss at step {step}; weights not updated, "
-                                         f"resume from the last checkpoint with a lower learning rate")
-            self.engine.backward(loss)
-            self.engine.step()
+            self.optimise(self.engine, loss, "teacher flow-matching", step)
             accumulate(out, {"loss/flow": loss.item(), "data/caption_dropout": sum(drop) / len(drop)}, accum)
         out["grad_norm/teacher"] = float(self.engine.get_global_grad_norm() or 0.0)
         if self.ema is not None:

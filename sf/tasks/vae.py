@@ -55,20 +55,14 @@ class VaeJob(Job):
         return video_from_uint8(frames[t0:t0 + frames_, y0:y0 + size, x0:x0 + size])
 
     def step(self, step: int) -> dict:
-        cfg, d, out = self.cfg, self.dist, {}
-        accum, batch_size = cfg.trainer.grad_accum_steps, cfg.data.batch_size
+        cfg, d, out, accum = self.cfg, self.dist, {}, self.cfg.trainer.grad_accum_steps
         for micro in range(accum):
-            samples = self.bank.batch(cfg.seed, step, micro, accum, d.rank, d.world_size, batch_size)
-            positions = self.bank.positions(step, micro, accum, d.rank, d.world_size, batch_size)
+            samples, positions = self.micro_batch(step, micro)
             video = torch.stack([self.crop(s["frames"], p) for s, p in zip(samples, positions)]).to(self.device)
             generator = torch.Generator(device=self.device).manual_seed(seed_for(cfg.seed, "vae", step, d.rank, micro))
             loss, stats = vae_loss(self.engine.module, video.to(self.dtype), cfg.vae.kl_weight, generator=generator,
                                   sample=cfg.vae.sample_posterior)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite VAE loss at step {step}; weights not updated, resume from the "
-                                         f"last checkpoint with a lower learning rate")
-            self.engine.backward(loss)
-            self.engine.step()
+            self.optimise(self.engine, loss, "VAE", step)
             accumulate(out, {"loss/vae": loss.item(), **{f"vae/{k[4:]}": float(v) for k, v in stats.items()
                                                          if k != "vae_loss"}}, accum)
         out["grad_norm/vae"] = float(self.engine.get_global_grad_norm() or 0.0)
