@@ -120,14 +120,11 @@ def step_world(out: Path, plan: Plan) -> tuple[Path, Path]:
 
 def step_latents(out: Path, vae: Path, shards: Path) -> Path:
     """The train videos encoded by the trained VAE (normalised latents, fp16) into latent shards."""
-    import torch
-
     from sf.models.vae import cache_latents, load_codec
 
     latents = out / "latents"
     if not (latents / "DONE").exists():
         shutil.rmtree(latents, ignore_errors=True)
-        torch.set_num_threads(os.cpu_count() or 1)
         result = cache_latents(str(shards), load_codec(vae).eval(), str(latents), batch_size=4)
         (latents / "DONE").write_text(json.dumps(result._asdict()) + "\n")
     return latents

@@ -3,8 +3,10 @@
     python -m eval.demo                               # outputs/demo/<time>/: run, report.json, report.md, plots, videos
     python -m eval.demo --steps 4 --num-videos 4      # a shortened schedule (the tests)
 
-1. `sf-train experiment=demo`: DMD self-forcing from the shipped ODE init (sf/assets/world/ode_init.safetensors),
-   with the shipped teacher as the real score and a critic initialised from it, as a DeepSpeed job.
+0. The world's weights (VAE, teacher, ODE init, text tower, classifier) come from sf/assets/world (or --assets);
+   when they are missing they are built first by the project's recipes (`make assets`, eval/assets.py).
+1. `sf-train experiment=demo`: DMD self-forcing from the ODE init, with the teacher as the real score and a
+   critic initialised from it, as a DeepSpeed job.
 2. `eval/evaluate.py` on the same evaluation captions (world `val` split): the teacher (48 guided steps), the ODE
    init and the distilled student (4 steps, streamed chunk by chunk), plus each intermediate checkpoint of the
    run (metric vs step) and long rollouts of the causal models (drift vs horizon).
@@ -26,19 +28,23 @@ from datetime import datetime
 from pathlib import Path
 
 import sf  # noqa: F401
+from eval.assets import SHIPPED
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 0.90  # student / teacher oracle score
 MIN_NFE_REDUCTION = 10.0
 
 
-def distil(run_dir: Path, steps: int | None, processes: int, overrides: list[str]) -> None:
-    """The training job (resumes when run_dir already holds a checkpoint)."""
-    cmd = [f"hydra.run.dir={run_dir}", "experiment=demo", "trainer.keep_last=0", *overrides]
+def distil(run_dir: Path, assets: Path, steps: int | None, processes: int, overrides: list[str]) -> None:
+    """The training job from the weights in `assets` (resumes when run_dir already holds a checkpoint)."""
+    cmd = [f"hydra.run.dir={run_dir}", "experiment=demo", "trainer.keep_last=0",
+           f"model.checkpoint={assets / 'ode_init.safetensors'}", f"teacher.checkpoint={assets / 'teacher.safetensors'}",
+           f"text.pretrained={assets / 'text_encoder.safetensors'}", f"codec.checkpoint={assets / 'vae.safetensors'}",
+           f"data.shards={assets / 'train_prompts.txt'}", *overrides]
     if steps is not None:
         cmd += [f"trainer.max_steps={steps}", f"trainer.checkpoint_every={max(1, steps // 2)}"]
-    threads = max(1, (os.cpu_count() or 1) // processes)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // processes))
+    env = {**os.environ, "OMP_NUM_THREADS": threads}
     if processes > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
                     "-m", "sf.train"]
@@ -72,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-videos", type=int, default=32, help="evaluation videos per model")
     parser.add_argument("--teacher-steps", type=int, default=48, help="the teacher's sampling steps")
     parser.add_argument("--processes", type=int, default=1, help="training processes (DeepSpeed ranks)")
+    parser.add_argument("--assets", type=Path, default=None,
+                        help="the world's weights (default: sf/assets/world, built by `make assets` when missing)")
     parser.add_argument("overrides", nargs="*", help="extra sf-train overrides, e.g. optim.generator.lr=1e-5")
     args = parser.parse_args(argv)
     begin = time.perf_counter()
@@ -83,23 +91,26 @@ def main(argv: list[str] | None = None) -> None:
     from eval.report import format_table, write_report
     from sf.checkpoint import list_checkpoints
 
-    missing = [name for name in ("teacher", "ode_init", "vae", "text_encoder", "classifier")
-               if not (ASSETS / f"{name}.safetensors").exists()]
+    assets = args.assets or ASSETS
+    missing = [name for name in SHIPPED if not (assets / name).exists()]
+    if missing and args.assets is not None:
+        raise SystemExit(f"error: {assets} lacks {', '.join(missing)} (build them: python -m eval.assets --install {assets})")
     if missing:
-        raise SystemExit(f"error: shipped weights missing in {ASSETS}: {', '.join(missing)} (run `make assets`)")
+        print(f"[demo] no world weights in {assets} yet: building them with the project's recipes (make assets)",
+              flush=True)
+        build_assets(ROOT / "build" / "assets", assets)
 
-    distil(run_dir, args.steps, args.processes, args.overrides)
+    distil(run_dir, assets, args.steps, args.processes, args.overrides)
     trained = time.perf_counter()
 
-    torch.set_num_threads(os.cpu_count() or 1)
     checkpoints = list_checkpoints(run_dir)
     rollout = _rollout(checkpoints[-1])
-    evaluator = WorldEvaluator(EvalConfig(num_videos=args.num_videos, teacher_steps=args.teacher_steps))
+    evaluator = WorldEvaluator(EvalConfig(num_videos=args.num_videos, teacher_steps=args.teacher_steps), assets)
     report, samples, drift = {}, {}, {}
-    report["teacher"], videos = evaluator.evaluate_teacher(load_net(ASSETS / "teacher.safetensors"))
+    report["teacher"], videos = evaluator.evaluate_teacher(load_net(assets / "teacher.safetensors"))
     samples["teacher"] = videos[:4]
     history = []
-    ode_net = load_net(ASSETS / "ode_init.safetensors")
+    ode_net = load_net(assets / "ode_init.safetensors")
     report["ode_init"], videos = evaluator.evaluate_student(ode_net, rollout)
     samples["ode_init"] = videos[:4]
     drift["ode_init"] = evaluator.drift(ode_net, rollout)
@@ -124,6 +135,12 @@ def main(argv: list[str] | None = None) -> None:
                         captions=evaluator.captions[:4], metrics_path=run_dir / "metrics.jsonl")
     print(format_table(report))
     print(f"report: {path}")
+
+
+def build_assets(out: Path, target: Path) -> None:
+    from eval.assets import Plan, build, install
+
+    install(out, build(out, Plan()), target)
 
 
 def _rollout(checkpoint: Path):

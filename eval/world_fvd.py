@@ -1,38 +1,42 @@
 """World-FVD: the Fréchet distance between videos' features under a small video classifier of the embedded world.
 
-Features. `WorldClassifier` is a 4-layer 3-D CNN trained (`train_classifier`) on videos rendered on the fly from
-the world's ``train`` split to predict each video's truth: the colours, shapes and initial directions present
-(multi-label), the background and the number of objects. It reads every `frame_stride`-th frame (so any clip of
->= 9 frames works: 81 frames -> 41, 321 -> 161), patchifies 4x4 pixels, then convolves space and time together,
-so a feature sees an object move from cell to cell. Its `feature_dim` (24) features are a linear map of the
-trunk's activations pooled over the whole clip (mean and max) and over its first ~15 frames (the initial
-direction), standardised with the mean and variance of real ``val`` videos (so real features are ~N(0, I) per
-dimension). The heads are linear in the features, so appearance and motion must both show in them.
+Features. `WorldClassifier` is a 5-layer 3-D CNN trained (`train_classifier`, ~3 CPU-minutes) on videos rendered
+on the fly from the world's ``train`` split. It reads every 4th frame, so any clip of >= 9 frames works
+(81 frames -> 21, 321 -> 81), as RGB plus motion energy (−∂t·∂x, −∂t·∂y: signed local motion, by brightness
+constancy) and temporal change energy (∂t²), convolves frames to 16x16 cells and then space and time together,
+and pools every layer (mean and max over the clip and over its first `EARLY_FRAMES` frames, before any bounce;
+min and max over time of the per-frame mean). A linear map takes the pooled statistics to `feature_dim` (16)
+features, and linear heads read the features, so everything the heads know is in them:
+
+* the truth: colours, shapes and initial directions present (multi-label), background, number of objects;
+* the objects' speed (regression, on videos rendered at 1, 2 and 3 px/frame; the world's is 2): a real video
+  is always at 2, a frozen one at 0;
+* coherence (real vs `stutter_or_jumble`: one frame held for 6-24 frames, or 8-24 frames in random order):
+  local breaks in time, never the whole-clip freezes and shuffles that the calibration below uses.
+
+Once trained, the features are whitened with the mean and covariance of 256 real ``val`` videos, so real
+videos' features have mean 0 and covariance I, and a distance is in units of how real videos vary.
 
 FVD. With feature means μ and covariances Σ (ddof 1) of two sets of videos,
 
     FVD = ‖μa − μb‖² + Tr(Σa + Σb − 2 (Σa^½ Σb Σa^½)^½)
 
-in float64, both square roots by symmetric eigendecomposition with tiny negative eigenvalues clipped to 0.
-With 24 dimensions, ~32 videos per set are enough to estimate Σ (the same count the demo generates per model).
+in float64, both square roots by symmetric eigendecomposition with tiny negative eigenvalues clipped to 0. With
+16 dimensions, ~32 videos per set estimate Σ; FVD of finite sets is biased upwards (two sets of 32 real videos
+are ~5 apart, not 0), so compare models at equal set sizes.
 
-Fidelity. ``fidelity = exp(−FVD / FVD_SCALE)`` in [0, 1]: 1 for identical feature statistics. FVD_SCALE = 40
-was measured (`calibrate`: 32 videos per set, reference = ``val`` indices 1000-1031, classifier trained with
-the defaults, seed 0) by
+Fidelity. ``fidelity = exp(−FVD / FVD_SCALE)`` in [0, 1]; FVD_SCALE = {scale} puts real videos >= 0.8 and
+clearly broken ones <= 0.3. Measured with the default classifier (seed 0) by
 
-    python -m eval.world_fvd train --out /tmp/world_classifier.safetensors
+    python -m eval.world_fvd train --out /tmp/world_classifier.safetensors       # {train_time} s on 1 thread
     python -m eval.world_fvd calibrate --classifier /tmp/world_classifier.safetensors --trials 5
 
-                          FVD (5 trials: mean, max)   fidelity at the max
-    real vs real (val)     ...                         ...
-    frozen first frame     ...                         ...
-    shuffled frames        ...                         ...
-    uniform noise          ...                         ...
+(32 videos per set; the reference is ``val`` indices 1000-1031, trial k uses indices 2000 + 32k..; broken sets
+are those videos with their first frame frozen, their frames shuffled, or uniform noise):
 
-so real videos of other indices score >= 0.8 and broken ones <= 0.3. FVD between sets of n videos is biased
-upwards by ~D/n-scale estimation noise even for identical distributions; compare models at equal n.
+{table}
 
-    python -m eval.world_fvd score --classifier PATH --videos generated.npz           # vs val videos
+    python -m eval.world_fvd score --classifier PATH --videos-npz generated.npz    # vs real val videos
 """
 
 from __future__ import annotations
@@ -62,24 +66,28 @@ __all__ = [
 FVD_SCALE = 40.0  # see the module docstring for the measurement
 FORMAT = "sf.world_classifier/1"  # safetensors metadata marker of a classifier file
 MIN_FRAMES = 9
-IN_CHANNELS = 7  # RGB, then motion energy to the right, down, left and up
-EARLY_FRAMES = 16  # objects run >= 8 frames (WorldSpec.min_run) before a bounce
+IN_CHANNELS = 8  # RGB, motion energy to the right, down, left and up, temporal change energy
+CONV_CHANNELS = 7  # all but the change energy, which is only pooled (convolving it slowed every other head)
+EARLY_FRAMES = WorldSpec().min_run  # frames every object runs before its first bounce
 MAX_OBJECTS = WorldSpec().max_objects
 HEADS: dict[str, int] = {  # name -> logits
     "colours": len(COLOURS), "shapes": len(SHAPES), "directions": len(DIRECTIONS),  # present or not, each
     "background": len(BACKGROUNDS), "num_objects": MAX_OBJECTS + 1,  # classes
+    "speed": 1,  # the objects' speed over the world's (regression; trained on TRAIN_SPEEDS)
     "coherent": 1,  # real (1) or broken in time by `stutter_or_jumble` (0)
 }
 MULTI_LABEL = ("colours", "shapes", "directions", "coherent")
+REGRESSION = ("speed",)
+TRAIN_SPEEDS = (1, 2, 3)  # pixels per frame; the world's is WorldSpec.speed = 2
 
 
 @dataclass(frozen=True)
 class ClassifierConfig:
     """Shape of the world classifier."""
 
-    feature_dim: int = 24  # small, so ~32 videos estimate the feature covariance
+    feature_dim: int = 16  # small, so ~32 videos estimate the feature covariance
     channels: tuple[int, ...] = (8, 16, 32, 48, 64)  # two per-frame convolutions, then three 3x3x3
-    frame_stride: int = 2  # read every 2nd frame: objects move 4 px = one stem cell per step
+    frame_stride: int = 4  # read every 4th frame (81 -> 21, the latent frame rate): objects move 8 px a step
     frame_size: int = 64  # the world's frame side; other sizes are refused, never resized
 
     def __post_init__(self):
@@ -98,41 +106,42 @@ class WorldClassifier(nn.Module):
         self.cfg = cfg
         c0, c1, c2, c3, c4 = cfg.channels
         self.stages = nn.ModuleList([  # frame by frame to 16x16 cells, then space and time together
-            nn.Conv3d(IN_CHANNELS, c0, kernel_size=(1, 2, 2), stride=(1, 2, 2)),  # (N, c0, t, 32, 32)
+            nn.Conv3d(CONV_CHANNELS, c0, kernel_size=(1, 2, 2), stride=(1, 2, 2)),  # (N, c0, t, 32, 32)
             nn.Conv3d(c0, c1, kernel_size=(1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)),  # (N, c1, t, 16, 16)
             nn.Conv3d(c1, c2, kernel_size=3, stride=2, padding=1),  # (N, c2, t/2, 8, 8)
             nn.Conv3d(c2, c3, kernel_size=3, stride=2, padding=1),  # (N, c3, t/4, 4, 4)
             nn.Conv3d(c3, c4, kernel_size=3, stride=1, padding=1),  # (N, c4, t/4, 4, 4)
         ])
-        num_pooled = 4 * (IN_CHANNELS + sum(cfg.channels))
+        num_pooled = 6 * (IN_CHANNELS + sum(cfg.channels))
         # pooled statistics differ in scale by orders of magnitude (the mean of sparse motion vs a max of colour)
         self.pooled_norm = nn.BatchNorm1d(num_pooled, affine=False)
         self.project = nn.Linear(num_pooled, cfg.feature_dim)
         self.heads = nn.Linear(cfg.feature_dim, sum(HEADS.values()))
-        # features are standardised with the statistics of real videos once trained (`_standardise_features`)
+        # once trained, features are whitened with the statistics of real videos (`_whiten_features`)
         self.register_buffer("feature_mean", torch.zeros(cfg.feature_dim))
-        self.register_buffer("feature_std", torch.ones(cfg.feature_dim))
+        self.register_buffer("feature_whitening", torch.eye(cfg.feature_dim))
 
     def forward(self, videos: torch.Tensor, phase: int = 0) -> torch.Tensor:
         """uint8 (N, T, H, W, 3) -> features (N, D); reads frames phase, phase + stride, ..."""
-        return (self.raw_features(videos, phase) - self.feature_mean) / self.feature_std
+        return (self.raw_features(videos, phase) - self.feature_mean) @ self.feature_whitening
 
     def raw_features(self, videos: torch.Tensor, phase: int = 0) -> torch.Tensor:
-        """Features before standardisation; (N, D)."""
+        """Features before whitening; (N, D)."""
         self._check(videos)
-        x = videos[:, phase :: self.cfg.frame_stride].permute(0, 4, 1, 2, 3)  # (N, 3, t, H, W)
-        x = x.float() / 127.5 - 1.0
-        motion = motion_energy(x)  # (N, 2, t, H, W)
-        x = torch.cat([x, F.relu(motion), F.relu(-motion)], dim=1)  # (N, 7, t, H, W)
+        x = network_input(videos, self.cfg.frame_stride, phase)  # (N, 8, t, H, W)
         pooled, frames_per_step = [], self.cfg.frame_stride
         for stage in (None, *self.stages):  # None: the input itself, so motion is one linear map from the loss
             if stage is not None:
-                x = F.relu(stage(x))  # (N, C, t', h, w)
+                x = F.relu(stage(x[:, : stage.in_channels]))  # (N, C, t', h, w); drops the change energy
                 frames_per_step *= stage.stride[0]
             early = x[:, :, : math.ceil(EARLY_FRAMES / frames_per_step)]  # (N, C, e, h, w)
             # every stage pooled: a short path from the loss to colour-detecting early layers; the early window
             # shows the initial direction before any bounce
-            pooled += [x.mean(dim=(2, 3, 4)), x.amax(dim=(2, 3, 4)), early.mean(dim=(2, 3, 4)), early.amax(dim=(2, 3, 4))]
+            per_frame = x.mean(dim=(3, 4))  # (N, C, t'): its extremes show a stall or a jump in time
+            pooled += [
+                x.mean(dim=(2, 3, 4)), x.amax(dim=(2, 3, 4)), early.mean(dim=(2, 3, 4)), early.amax(dim=(2, 3, 4)),
+                per_frame.amin(dim=2), per_frame.amax(dim=2),
+            ]
         return self.project(self.pooled_norm(torch.cat(pooled, dim=1)))  # (N, D)
 
     def logits(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -150,17 +159,26 @@ class WorldClassifier(nn.Module):
             raise ValueError(f"videos need at least {MIN_FRAMES} frames, got {videos.shape[1]}")
 
 
-def motion_energy(frames: torch.Tensor) -> torch.Tensor:
-    """Local motion along x and y of (N, 3, t, H, W) frames: −∂t·∂x and −∂t·∂y summed over colour channels, by
-    central differences (zero at the borders); (N, 2, t, H, W), positive where something moves right/down.
+@torch.no_grad()
+def network_input(videos: torch.Tensor, frame_stride: int, phase: int = 0) -> torch.Tensor:
+    """uint8 (N, T, H, W, 3) -> (N, 8, t, H, W): frames phase, phase + stride, ... in [-1, 1], then their motion
+    energy towards the right, down, left and up (each >= 0).
 
-    By brightness constancy ∂t + v·∇ = 0 an edge moving with velocity v has −∂t ∂x = v_x (∂x)², whatever its
-    contrast, so the sign of motion is a local, linear read-out instead of something the CNN must discover.
+    Motion energy is −∂t·∂x and −∂t·∂y summed over colour channels, ∂t from the frames just before and after
+    each kept frame (one-sided at the clip's ends), ∂x and ∂y central differences (zero at the borders). By
+    brightness constancy ∂t + v·∇ = 0, an edge moving with velocity v has −∂t ∂x = v_x (∂x)² whatever its
+    contrast: the sign of motion is a local, linear read-out rather than something the CNN must discover.
     """
-    dt = F.pad(frames[:, :, 2:] - frames[:, :, :-2], (0, 0, 0, 0, 1, 1))
-    dx = F.pad(frames[..., 2:] - frames[..., :-2], (1, 1))
-    dy = F.pad(frames[..., 2:, :] - frames[..., :-2, :], (0, 0, 1, 1))
-    return -torch.stack([(dt * dx).sum(dim=1), (dt * dy).sum(dim=1)], dim=1) / 4
+    num_frames = videos.shape[1]
+    kept = torch.arange(phase, num_frames, frame_stride)
+    frames = videos[:, kept].float() / 127.5 - 1.0  # (N, t, H, W, 3)
+    after, before = videos[:, (kept + 1).clamp(max=num_frames - 1)], videos[:, (kept - 1).clamp(min=0)]
+    dt = (after.float() - before.float()) / 127.5  # (N, t, H, W, 3)
+    dx = F.pad(frames[:, :, :, 2:] - frames[:, :, :, :-2], (0, 0, 1, 1))
+    dy = F.pad(frames[:, :, 2:] - frames[:, :, :-2], (0, 0, 0, 0, 1, 1))
+    motion = -torch.stack([(dt * dx).sum(dim=-1), (dt * dy).sum(dim=-1)], dim=1) / 4  # (N, 2, t, H, W)
+    change = dt.square().sum(dim=-1)[:, None] / 4  # (N, 1, t, H, W)
+    return torch.cat([frames.permute(0, 4, 1, 2, 3), motion.relu(), (-motion).relu(), change], dim=1)
 
 
 # ------------------------------------------------------------------------------------------------------ training
@@ -180,29 +198,36 @@ def scene_targets(scenes: Sequence) -> dict[str, torch.Tensor]:
         targets[head] = hot
     targets["background"] = torch.tensor([list(BACKGROUNDS).index(claim.background) for claim in claims])
     targets["num_objects"] = torch.tensor([len(claim.objects) for claim in claims])
+    speeds = [max(abs(v) for v in scene.objects[0].velocity) for scene in scenes]
+    targets["speed"] = torch.tensor(speeds, dtype=torch.float32)[:, None] / WorldSpec().speed
     return targets
 
 
 def head_losses(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Binary cross-entropy for the multi-label heads, cross-entropy for the class heads; a head's target may
-    cover only the first rows (the truth heads see real videos only, `coherent` every video)."""
+    """Binary cross-entropy for multi-label heads, squared error for regression, cross-entropy for classes; a
+    head's target may cover only the first rows (the truth heads see real videos only, `coherent` every video)."""
     losses = {}
     for head, target in targets.items():
         logit = logits[head][: len(target)]
         if head in MULTI_LABEL:
             losses[head] = F.binary_cross_entropy_with_logits(logit, target)
+        elif head in REGRESSION:
+            losses[head] = F.mse_loss(logit, target)
         else:
             losses[head] = F.cross_entropy(logit, target)
     return losses
 
 
 def head_accuracy(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Share of videos whose whole answer is right: the exact set for multi-label heads, the class otherwise."""
+    """Share of videos whose whole answer is right: the exact set for multi-label heads, the nearest training
+    speed for the speed, the class otherwise."""
     accuracy = {}
     for head, target in targets.items():
         logit = logits[head][: len(target)]
         if head in MULTI_LABEL:
             right = ((logit > 0).float() == target).all(dim=1)
+        elif head in REGRESSION:  # nearest training speed
+            right = ((logit - target).abs() < 0.5 / WorldSpec().speed).all(dim=1)
         else:
             right = logit.argmax(dim=1) == target
         accuracy[head] = float(right.float().mean())
@@ -211,22 +236,28 @@ def head_accuracy(logits: dict[str, torch.Tensor], targets: dict[str, torch.Tens
 
 def stutter_or_jumble(videos: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Copies of uint8 (N, T, H, W, 3) videos, each broken once in time: one frame held for 6-24 frames (a
-    stutter) or a window of 8-24 frames in random order (a jumble). The negatives of the `coherent` head:
-    local breaks, so whole-clip freezes and shuffles (`broken_videos`, the calibration) are never seen."""
+    stutter; cut short by the clip's end, so some freeze to the end) or a window of 8-24 frames in random order
+    (a jumble). The negatives of the `coherent` head: local breaks only, never the whole-clip freezes and
+    shuffles of the calibration (`broken_videos`)."""
     broken = videos.clone()
     num_frames = videos.shape[1]
     for video in broken:
         stutter = bool(torch.rand(1, generator=generator) < 0.5)
-        span = min(num_frames, int(torch.randint(6 if stutter else 8, 25, (1,), generator=generator)))
-        start = int(torch.randint(num_frames - span + 1, (1,), generator=generator))
+        shortest = 6 if stutter else 8
+        start = int(torch.randint(num_frames - shortest + 1, (1,), generator=generator))
+        span = min(num_frames - start, int(torch.randint(shortest, 25, (1,), generator=generator)))
         window = video[start : start + span]
-        window[:] = window[0].clone() if stutter else window[torch.randperm(span, generator=generator)].clone()
+        window[:] = window[0].clone() if stutter else window[torch.randperm(span, generator=generator)]
     return broken
 
 
-def render_batch(split: str, seed: int, indices: Sequence[int], num_frames: int = 81) -> tuple[torch.Tensor, list]:
-    """uint8 (N, T, 64, 64, 3) videos of world scenes (split, seed, index) and the scenes."""
-    scenes = [make_scene(seed, split, int(index)) for index in indices]
+def render_batch(
+    split: str, seed: int, indices: Sequence[int], num_frames: int = 81, speeds: Sequence[int] | None = None
+) -> tuple[torch.Tensor, list]:
+    """uint8 (N, T, 64, 64, 3) videos of world scenes (split, seed, index) and the scenes; objects move at the
+    world's speed, or at speeds[index % len(speeds)]."""
+    specs = [WorldSpec() if speeds is None else WorldSpec(speed=speeds[int(i) % len(speeds)]) for i in indices]
+    scenes = [make_scene(seed, split, int(index), spec) for index, spec in zip(indices, specs)]
     return torch.from_numpy(np.stack([render(scene, num_frames) for scene in scenes])), scenes
 
 
@@ -239,16 +270,20 @@ def train_classifier(
     lr: float = 1e-2,
     num_val: int = 256,
 ) -> tuple[WorldClassifier, dict]:
-    """Train on fresh ``train`` videos (batch b is indices b*batch_size.., world seed `seed`); metrics include
-    the ``val`` accuracy of every head on `num_val` videos and the mean loss over the first/last tenth of steps.
+    """Train on fresh ``train`` videos (batch b is indices b*batch_size.., world seed `seed`, rendered at
+    TRAIN_SPEEDS in turn) plus broken copies (`stutter_or_jumble`) of a third of them, then whiten the features
+    with `num_val` real ``val`` videos. Metrics: the ``val`` accuracy of every head (speed and coherence on those
+    videos and broken copies of half of them) and the mean loss over the first/last tenth of steps.
 
     Each batch reads its frames from a random phase (0..stride-1) and a random length in [41, 81] from frame 0,
     so the features hold for other lengths and frame offsets; the truth (initial direction included) is kept.
     """
     from tqdm.auto import tqdm
 
-    if num_steps < 1 or batch_size < 2:
-        raise ValueError(f"need num_steps >= 1 and batch_size >= 2, got {num_steps}, {batch_size}")
+    if num_steps < 1 or batch_size < 3:
+        raise ValueError(f"need num_steps >= 1 and batch_size >= 3, got {num_steps}, {batch_size}")
+    if num_val <= cfg.feature_dim:
+        raise ValueError(f"whitening {cfg.feature_dim} features needs num_val > {cfg.feature_dim}, got {num_val}")
     torch.manual_seed(seed)
     augment = torch.Generator().manual_seed(seed)
     model = WorldClassifier(cfg)
@@ -262,10 +297,10 @@ def train_classifier(
     model.train()
     bar = tqdm(range(num_steps), desc="world classifier", disable=not progress, dynamic_ncols=True)
     for step in bar:
-        videos, scenes = render_batch("train", seed, range(step * batch_size, (step + 1) * batch_size))
         phase = int(torch.randint(cfg.frame_stride, (1,), generator=augment))
         length = int(torch.randint(41, 82, (1,), generator=augment))
-        videos = videos[:, :length]
+        indices = range(step * batch_size, (step + 1) * batch_size)
+        videos, scenes = render_batch("train", seed, indices, length, TRAIN_SPEEDS)
         broken = stutter_or_jumble(videos[: batch_size // 3], augment)
         logits = model.logits(model(torch.cat([videos, broken]), phase))
         loss = sum(head_losses(logits, _targets(scenes, len(broken))).values())
@@ -279,7 +314,7 @@ def train_classifier(
 
     model.eval()
     videos, scenes = render_batch("val", seed, range(num_val))
-    _standardise_features(model, videos)
+    _whiten_features(model, videos)
     broken = stutter_or_jumble(videos[: num_val // 2], torch.Generator().manual_seed(seed))
     with torch.no_grad():
         logits = model.logits(torch.cat([model(chunk) for chunk in torch.cat([videos, broken]).split(32)]))
@@ -300,15 +335,22 @@ def _targets(scenes: Sequence, num_broken: int) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def _standardise_features(model: WorldClassifier, videos: torch.Tensor) -> None:
-    """Standardise features with the mean/std of these (real) videos' raw features; the heads keep their logits."""
-    raw = torch.cat([model.raw_features(chunk) for chunk in videos.split(32)])  # (N, D)
-    mean, std = raw.mean(dim=0), raw.std(dim=0).clamp_min(1e-6)
-    # heads(raw) = W raw + b = (W * std) standardised + (b + W mean)
-    model.heads.bias.add_(model.heads.weight @ ((mean - model.feature_mean) / model.feature_std))
-    model.heads.weight.mul_(std / model.feature_std)
-    model.feature_mean.copy_(mean)
-    model.feature_std.copy_(std)
+def _whiten_features(model: WorldClassifier, videos: torch.Tensor) -> None:
+    """Whiten features with the mean and covariance of these (real) videos' raw features (so theirs have mean 0
+    and covariance I); the heads are rewritten to give the same logits."""
+    raw = torch.cat([model.raw_features(chunk) for chunk in videos.split(32)]).double()  # (N, D)
+    mean = raw.mean(dim=0)
+    eigenvalues, vectors = torch.linalg.eigh(torch.cov(raw.T))
+    eigenvalues = eigenvalues.clamp_min(1e-4 * float(eigenvalues.max()))  # at most 100x along any direction
+    whitening = (vectors * eigenvalues.rsqrt()) @ vectors.T  # (D, D) symmetric: Σ^-½
+    colouring = (vectors * eigenvalues.sqrt()) @ vectors.T  # Σ^½, its inverse
+    # logits = A f0 + b with f0 = (raw - m0) W0 and raw = f1 Σ^½ + m: A <- A W0ᵀ Σ^½ᵀ, b <- b + A W0ᵀ (m - m0)
+    old_whitening, old_mean = model.feature_whitening.double(), model.feature_mean.double()
+    weight = model.heads.weight.double() @ old_whitening.T
+    model.heads.bias.add_((weight @ (mean - old_mean)).float())
+    model.heads.weight.copy_((weight @ colouring.T).float())
+    model.feature_mean.copy_(mean.float())
+    model.feature_whitening.copy_(whitening.float())
 
 
 # ------------------------------------------------------------------------------------------------------ files
@@ -376,9 +418,7 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
         raise ValueError(f"need at least 2 samples per set for a covariance, got {len(a)} and {len(b)}")
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
         raise ValueError("features contain nan or inf")
-    cov_a, cov_b = np.cov(a, rowvar=False, ddof=1).reshape(a.shape[1], -1), np.cov(b, rowvar=False, ddof=1).reshape(
-        b.shape[1], -1
-    )
+    cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))  # (D, D), ddof 1
     root_a = _sqrtm_psd(cov_a)
     middle = root_a @ cov_b @ root_a
     eigenvalues = np.linalg.eigvalsh((middle + middle.T) / 2)
@@ -485,10 +525,10 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps({"world_fvd": fvd, "fidelity": fidelity(fvd), "num_videos": len(videos)}))
     else:
         results = calibrate(load_classifier(args.classifier), args.num_videos, args.trials)
+        print(f"{'':9s} {'FVD min':>9s} {'mean':>9s} {'max':>9s}   fidelity at max, min (FVD_SCALE {FVD_SCALE:g})")
         for kind, values in results.items():
-            worst = max(values) if kind == "real" else min(values)
-            print(f"{kind:9s} FVD mean {np.mean(values):9.2f}  {'max' if kind == 'real' else 'min'} {worst:9.2f}"
-                  f"  fidelity {fidelity(worst):.3f}")
+            low, high = min(values), max(values)
+            print(f"{kind:9s} {low:9.2f} {np.mean(values):9.2f} {high:9.2f}   {fidelity(high):.3f}, {fidelity(low):.3f}")
 
 
 if __name__ == "__main__":

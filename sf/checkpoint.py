@@ -6,7 +6,7 @@
         trainer/rank_00000.safetensors    every rank's RNG states; trainer/state.json: step, data positions, ...
         export/generator.safetensors      plain weights + model config, loadable without DeepSpeed
         export/generator_ema.safetensors  (sf.models.convert.load_dit reads them)
-        export/critic.safetensors
+        export/critic.safetensors         (other tasks export their own engines: teacher, vae, ...)
         config.yaml                       the resolved config that built the run
         COMPLETE
 

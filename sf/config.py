@@ -166,7 +166,8 @@ def asset_path(relative: str) -> str:
     """Absolute path of a file shipped in sf/assets (the `${sf.asset:prompts/smoke.txt}` resolver)."""
     path = ASSETS / relative
     if not path.exists():
-        raise ValueError(f"no shipped asset {relative!r} under {ASSETS}")
+        hint = " (the world's weights are built by `make assets`)" if relative.startswith("world/") else ""
+        raise ValueError(f"no shipped asset {relative!r} under {ASSETS}{hint}")
     return str(path)
 
 

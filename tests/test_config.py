@@ -23,6 +23,8 @@ def test_every_experiment_composes_to_typed_config(experiment):
     overrides = [f"experiment={experiment}"]
     if experiment != "smoke":  # real experiments need real paths
         overrides += ["teacher.checkpoint=/path/to/teacher", "data.shards=/path/to/shards"]
+    if experiment == "demo" or experiment.startswith("world_"):  # the world's weights come from `make assets`
+        overrides += ["text.pretrained=/path/to/text", "codec.checkpoint=/path/to/vae", "model.checkpoint=/path/to/m"]
     cfg = to_train_config(composed(*overrides))
     assert isinstance(cfg, TrainConfig)
     assert cfg.trainer.max_steps > 0 and cfg.rollout.num_frames > 0
