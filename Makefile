@@ -25,13 +25,13 @@ setup: $(VENV)/.installed
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# Self-forcing distillation of the shipped world teacher (sf/assets/world) on this machine, then evaluation:
-# outputs/demo/<time>/report.{json,md}, plots/, samples/. Extra arguments: make demo DEMO_ARGS="--steps 40".
+# Self-forcing distillation of the world teacher (sf/assets/world; built first by `make assets` when missing),
+# then evaluation: outputs/demo/<time>/report.{json,md}, plots/, samples/. E.g. make demo DEMO_ARGS="--steps 40".
 DEMO_ARGS ?=
 demo: setup
 	$(PY) -m eval.demo $(DEMO_ARGS)
 
-# Rebuild the shipped world weights from scratch with the project's recipes (about an hour on 2 CPU cores).
+# Build the world's weights from scratch with the project's recipes (about 30 minutes on 2 CPU cores).
 assets: setup
 	$(PY) -m eval.assets --out build/assets --install sf/assets/world
 

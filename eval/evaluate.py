@@ -1,10 +1,10 @@
 """`sf-eval`: score exported world models with the exact oracle, the world-FVD and drift vs horizon.
 
     sf-eval --teacher sf/assets/world/teacher.safetensors --student run/checkpoints/step_000120/export/generator_ema.safetensors
-    sf-eval --student a.safetensors --student-name ours --num-videos 64 --out eval_out
+    sf-eval --student a.safetensors --num-videos 64 --split heldout --no-drift --out eval_out
 
 Every model generates one video per evaluation caption (the world's `val` split by default: scenes never trained
-on), from the same seeded noise per caption, decoded by the shipped VAE. Then, per model:
+on), from the same seeded noise per caption, decoded by the world VAE. Then, per model:
 
 * prompt_adherence, motion_consistency, temporal_stability: `eval/oracle.py`, averaged over the videos;
 * fvd: Fréchet distance between the world classifier's features of the generated videos and of the real videos
@@ -219,9 +219,9 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     parser.add_argument("--teacher", type=Path, help="a bidirectional model (sampled with many guided steps)")
-    parser.add_argument("--ode-init", type=Path, help="a causal student (e.g. the shipped ODE init)")
+    parser.add_argument("--ode-init", type=Path, help="a causal student (e.g. sf/assets/world/ode_init.safetensors)")
     parser.add_argument("--student", type=Path, help="a causal student (e.g. export/generator_ema.safetensors)")
-    parser.add_argument("--assets", type=Path, default=ASSETS, help="VAE, text tower and classifier (default: shipped)")
+    parser.add_argument("--assets", type=Path, default=ASSETS, help="VAE, text tower and classifier (default: sf/assets/world, from `make assets`)")
     parser.add_argument("--num-videos", type=int, default=EvalConfig.num_videos)
     parser.add_argument("--split", default=EvalConfig.split, choices=["train", "val", "heldout"])
     parser.add_argument("--teacher-steps", type=int, default=EvalConfig.teacher_steps)

@@ -58,7 +58,8 @@ def test_shipped_vae_maps_81_frames_to_21_latent_frames_and_back(evaluator):
     from sf.models.vae import video_from_uint8
 
     clips = torch.stack([video_from_uint8(v) for v in evaluator.real[:2]])
-    latents = evaluator.codec.encode(clips)
+    with torch.no_grad():
+        latents = evaluator.codec.encode(clips)
     assert latents.shape == (2, 21, 16, 8, 8) and torch.isfinite(latents).all()
     assert 0.2 < float(latents.std()) < 5  # normalised by the fitted per-channel statistics
     decoded = evaluator.decode(latents)
