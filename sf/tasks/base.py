@@ -67,6 +67,13 @@ class Job:
         engine.backward(loss)
         engine.step()
 
+    def finish_step(self, out: dict, name: str, step: int) -> dict:
+        """After a single-engine step: its gradient norm into `out`, and the EMA (a copy of the weights at step 0)."""
+        out[f"grad_norm/{name}"] = float(self.engine.get_global_grad_norm() or 0.0)
+        if self.ema is not None:
+            self.ema.update(0.0 if step == 0 else None)
+        return out
+
     def export(self, name: str, state: dict[str, torch.Tensor], path: Path, step: int) -> None:
         """Write the full weights of `name` (an engine or the EMA) as a standalone file (rank 0)."""
         save_state_dict(state, self.model_config(name), path, extra_metadata={"step": step})

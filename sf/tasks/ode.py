@@ -108,10 +108,7 @@ class OdeJob(Job):
                                        context.to(self.device, self.dtype), cfg.rollout.causal, generator=generator)
             self.optimise(self.engine, loss, "ODE regression", step)
             accumulate(out, {"loss/ode": loss.item()}, accum)
-        out["grad_norm/generator"] = float(self.engine.get_global_grad_norm() or 0.0)
-        if self.ema is not None:
-            self.ema.update(0.0 if step == 0 else None)
-        return out
+        return self.finish_step(out, "generator", step)
 
     @torch.no_grad()
     def log_media(self, step: int, logger) -> None:

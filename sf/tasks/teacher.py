@@ -58,14 +58,11 @@ class TeacherJob(Job):
                                       context.to(self.device, self.dtype))
             self.optimise(self.engine, loss, "teacher flow-matching", step)
             accumulate(out, {"loss/flow": loss.item(), "data/caption_dropout": sum(drop) / len(drop)}, accum)
-        out["grad_norm/teacher"] = float(self.engine.get_global_grad_norm() or 0.0)
-        if self.ema is not None:
-            self.ema.update(0.0 if step == 0 else None)
-        return out
+        return self.finish_step(out, "teacher", step)
 
     @torch.no_grad()
     def log_media(self, step: int, logger) -> None:
-        """The guided many-step sampler on the first training caption, from the EMA weights when kept."""
+        """The guided many-step sampler on the first training caption, with the current weights."""
         from sf.diffusion.sample import guided_net, sample_teacher
         from sf.models.text import encode_negative_prompt
 

@@ -65,8 +65,7 @@ class VaeJob(Job):
             self.optimise(self.engine, loss, "VAE", step)
             accumulate(out, {"loss/vae": loss.item(), **{f"vae/{k[4:]}": float(v) for k, v in stats.items()
                                                          if k != "vae_loss"}}, accum)
-        out["grad_norm/vae"] = float(self.engine.get_global_grad_norm() or 0.0)
-        return out
+        return self.finish_step(out, "vae", step)
 
     @torch.no_grad()
     def export(self, name, state, path, step) -> None:
