@@ -114,13 +114,17 @@ def main(argv: list[str] | None = None) -> None:
     report["ode_init"], videos = evaluator.evaluate_student(ode_net, rollout)
     samples["ode_init"] = videos[:4]
     drift["ode_init"] = evaluator.drift(ode_net, rollout)
-    history.append({"step": 0, "oracle_score": report["ode_init"]["oracle_score"], **report["ode_init"]["components"]})
-    for checkpoint in checkpoints:
+    history.append({"step": 0, "oracle_score": report["ode_init"]["oracle_score"],
+                    "num_videos": report["ode_init"]["num_videos"], **report["ode_init"]["components"]})
+    for checkpoint in checkpoints:  # intermediate ones on the first history_videos captions only (time)
+        final = checkpoint == checkpoints[-1]
         student = load_net(checkpoint / "export" / "generator_ema.safetensors")
-        result, videos = evaluator.evaluate_student(student, rollout)
+        result, videos = evaluator.evaluate_student(student, rollout,
+                                                    count=None if final else evaluator.cfg.history_videos)
         step = int(checkpoint.name.split("_")[-1])
-        history.append({"step": step, "oracle_score": result["oracle_score"], **result["components"]})
-        if checkpoint == checkpoints[-1]:
+        history.append({"step": step, "oracle_score": result["oracle_score"], "num_videos": result["num_videos"],
+                        **result["components"]})
+        if final:
             report["student"] = {**result, "weights": str(checkpoint / "export" / "generator_ema.safetensors"),
                                  "training_steps": step}
             samples["student"] = videos[:4]

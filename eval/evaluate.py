@@ -56,6 +56,7 @@ class EvalConfig:
     teacher_shift: float = 8.0
     cfg_scale: float = 3.0
     drift_videos: int = 8
+    history_videos: int = 16  # videos per intermediate checkpoint (the metric-vs-step curve)
     drift_factor: int = 4
     drift_window: int = 16  # video frames per drift window
 
@@ -112,11 +113,12 @@ class WorldEvaluator:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """Normalised latents (B, F, C, h, w) -> uint8 videos (B, T, H, W, 3)."""
+        """Normalised latents (B, F, C, h, w) -> uint8 videos (B, T, H, W, 3), decoded `batch_size` at a time."""
         from sf.video import to_uint8
 
-        videos = [to_uint8(self.codec.decode(latents[i:i + 1].to(self.device).float())[0]) for i in range(len(latents))]
-        return np.stack(videos)
+        step = self.cfg.batch_size
+        return np.stack([to_uint8(video) for start in range(0, len(latents), step)
+                         for video in self.codec.decode(latents[start:start + step].to(self.device).float())])
 
     def _batches(self):
         from tqdm import tqdm
@@ -148,7 +150,7 @@ class WorldEvaluator:
                          num_frames: int | None = None) -> tuple[torch.Tensor, float, float]:
         """Latents streamed chunk by chunk by a causal student; (latents, nfe/frame, seconds)."""
         counted, outputs, seconds = CountedNet(net), [], 0.0
-        count = count or self.cfg.num_videos
+        count = min(count or self.cfg.num_videos, self.cfg.num_videos)
         for start in range(0, count, self.cfg.batch_size):
             indices = range(start, min(start + self.cfg.batch_size, count))
             ctx = self.context([self.captions[i] for i in indices])
@@ -160,11 +162,12 @@ class WorldEvaluator:
         return latents, counted.frame_evals / latents[:, :, 0, 0, 0].numel(), seconds
 
     def score(self, videos: np.ndarray) -> dict:
-        """Oracle components, FVD and fidelity, oracle_score of decoded videos (one per caption)."""
+        """Oracle components, FVD and fidelity, oracle_score of decoded videos (one per caption, in order: the
+        first len(videos) captions)."""
         from eval.oracle import score_videos
         from eval.world_fvd import FVD_SCALE, features, fidelity, frechet_distance
 
-        oracle = score_videos(list(videos), self.captions)
+        oracle = score_videos(list(videos), self.captions[:len(videos)])
         fvd = frechet_distance(features(self.classifier, videos), self.real_features)
         components = {name: oracle[name] for name in COMPONENTS[:3]}
         components["fidelity"] = fidelity(fvd)
@@ -177,8 +180,9 @@ class WorldEvaluator:
         return self._result(videos, nfe, seconds, sampler=f"{self.cfg.teacher_steps}-step Euler, shift "
                             f"{self.cfg.teacher_shift}, CFG {self.cfg.cfg_scale}"), videos
 
-    def evaluate_student(self, net, rollout: RolloutConfig) -> tuple[dict, np.ndarray]:
-        latents, nfe, seconds = self.generate_student(net, rollout)
+    def evaluate_student(self, net, rollout: RolloutConfig, count: int | None = None) -> tuple[dict, np.ndarray]:
+        """Scores of the first `count` (default: all) evaluation videos streamed by a causal student."""
+        latents, nfe, seconds = self.generate_student(net, rollout, count=count)
         videos = self.decode(latents)
         return self._result(videos, nfe, seconds, sampler=f"{rollout.num_steps}-step causal, "
                             f"{rollout.frames_per_block} latent frames per chunk"), videos

@@ -151,8 +151,10 @@ def plot_losses(metrics_path, out_png: Path) -> Path | None:
 
 
 def plot_metric_vs_step(history: list[dict], out_png: Path) -> Path | None:
-    """Evaluation metrics against training step, one line each; scores in [0, 1] and others (FVD) on two panels."""
-    keys = list(dict.fromkeys(k for row in history for k, v in row.items() if k != "step" and _finite(v)))
+    """Evaluation metrics against training step, one line each; scores in [0, 1] and others (FVD) on two panels
+    (``step`` and ``num_videos``, how many videos a row scored, are not plotted)."""
+    keys = list(dict.fromkeys(k for row in history for k, v in row.items()
+                              if k not in ("step", "num_videos") and _finite(v)))
     if not keys:
         return None
     series = {k: [(row["step"], row[k]) for row in history if _finite(row.get(k))] for k in keys}

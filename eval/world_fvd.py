@@ -380,18 +380,15 @@ def save_classifier(model: WorldClassifier, path: str | Path, metrics: dict | No
 def load_classifier(path: str | Path) -> WorldClassifier:
     """A classifier saved by `save_classifier`, in eval mode, its training metrics in `.metrics`; ValueError for a
     missing or foreign file."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
+    from sf.io import read_safetensors
 
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"no world classifier file at {path}")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        state = load_file(str(path))
-    except (SafetensorError, OSError) as exn:
-        raise ValueError(f"{path} is not a world classifier file (not readable safetensors: {exn})") from None
+        state, metadata = read_safetensors(path)
+    except ValueError as exn:
+        raise ValueError(f"{path} is not a world classifier file ({exn})") from None
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{path} is not a world classifier file (metadata format is {metadata.get('format')!r})")
     config = json.loads(metadata["config"])

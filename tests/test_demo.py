@@ -66,6 +66,24 @@ def test_shipped_vae_maps_81_frames_to_21_latent_frames_and_back(evaluator):
     assert decoded.shape == evaluator.real[:2].shape and decoded.dtype == np.uint8
 
 
+def test_batched_decode_matches_one_clip_at_a_time(evaluator):
+    latents = torch.randn(3, 21, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    batch_size = evaluator.cfg.batch_size
+    try:
+        evaluator.cfg.batch_size = 2  # batches of 2 and 1
+        batched = evaluator.decode(latents).astype(np.int16)
+    finally:
+        evaluator.cfg.batch_size = batch_size
+    single = np.concatenate([evaluator.decode(latents[i:i + 1]) for i in range(3)]).astype(np.int16)
+    assert np.abs(batched - single).max() <= 1  # uint8 rounding of float-level differences
+
+
+def test_a_count_limited_evaluation_scores_the_first_videos(evaluator, assets):
+    result, videos = evaluator.evaluate_student(load_net(assets / "ode_init.safetensors"),
+                                                RolloutConfig(num_frames=21, frames_per_block=3), count=2)
+    assert result["num_videos"] == 2 and len(videos) == 2
+
+
 def test_network_evaluations_are_counted_not_assumed(evaluator, assets):
     net = load_net(assets / "ode_init.safetensors")
     rollout = RolloutConfig(num_frames=21, frames_per_block=3)
@@ -98,6 +116,7 @@ def test_make_demo_on_a_shortened_schedule(tmp_path, assets):
     assert report["teacher"]["nfe_per_frame"] == 8.0 and report["student"]["nfe_per_frame"] == 5.0
     assert report["student"]["training_steps"] == 2
     assert [h["step"] for h in report["history"]] == [0, 1, 2]
+    assert all(h["num_videos"] == 4 for h in report["history"])  # history_videos (16) capped at 4
     assert set(report["acceptance"]) >= {"student_vs_teacher", "nfe_reduction", "beats_ode_init", "passed"}
     for path in ("report.md", "plots/losses.png", "plots/metric_vs_step.png", "plots/drift_vs_horizon.png",
                  "samples/side_by_side.mp4", "samples/side_by_side.gif"):

@@ -17,6 +17,7 @@ from sf.models.vae import (
     WanVAE,
     cache_latents,
     codec_from_config,
+    foreground_mask,
     load_codec,
     save_codec,
     vae_loss,
@@ -174,6 +175,36 @@ def test_vae_loss_decreases_with_a_few_steps_and_gradients_are_finite():
     assert np.mean(losses[-3:]) < 0.8 * losses[0], losses
     with pytest.raises(TypeError):
         vae_loss(IdentityCodec(), video)
+
+
+def test_foreground_mask_finds_the_objects_of_world_clips():
+    """The clip-median background mask equals the world's truth: the pixels not painted the background colour."""
+    from sf.data.world import BACKGROUNDS
+
+    for index in range(4):
+        scene = make_scene(0, "train", index)
+        frames = render(scene, 9)
+        truth = np.abs(frames.astype(int) - np.array(BACKGROUNDS[scene.background])).sum(-1) > 0
+        mask = foreground_mask(video_from_uint8(frames)[None])[0, :, 0].numpy()
+        assert 0 < truth.mean() < 0.2 and (mask == truth).all()
+
+
+def test_foreground_weight_upweights_object_errors_only():
+    """With weight w the loss is a weighted L1 mean: a decoder that drops the objects costs (1 + w)x more per
+    object pixel, and w = 0 is the plain L1."""
+    codec = fresh_world_codec()
+    video = world_videos(2, 5)
+    with torch.no_grad():
+        plain, stats = vae_loss(codec, video, kl_weight=0.0, sample=False)
+        weighted, _ = vae_loss(codec, video, kl_weight=0.0, sample=False, foreground_weight=10.0)
+        error = (codec.decode_raw(codec.posterior(video)[0], clamp=False) - video).abs()
+        mask = foreground_mask(video).expand_as(error)
+    assert plain.item() == pytest.approx(error.mean().item(), rel=1e-5)
+    expected = (error.sum() + 10.0 * error[mask].sum()) / (error.numel() + 10.0 * mask.sum())
+    assert weighted.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert torch.isfinite(stats["vae_fg_psnr"]) and stats["vae_fg_psnr"] < stats["vae_psnr"]
+    with pytest.raises(ValueError, match="foreground_weight"):
+        vae_loss(codec, video, foreground_weight=-1.0)
 
 
 # ------------------------------------------------------------------------------------------------ save / load

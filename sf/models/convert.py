@@ -13,9 +13,9 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import save_file
 
+from sf.io import read_safetensors
 from sf.models.dit import FLAVORS, DiTConfig, VideoDiT
 
 FORMATS = ("sf", "diffusers", "wan")
@@ -108,12 +108,7 @@ def detect_format(state: dict[str, torch.Tensor]) -> str:
 def _read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of one file; never unpickles arbitrary objects."""
     if path.suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-            return load_file(str(path)), metadata
-        except (SafetensorError, OSError) as e:
-            raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+        return read_safetensors(path, CheckpointError)
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

@@ -1,10 +1,10 @@
 """task=vae: train the Wan VAE of `codec` (diffusers' AutoencoderKLWan) on the pixels of `data.shards`.
 
 Each sample is a random window of `vae.crop_frames` (1 + 4k) frames and a random `vae.crop_size` square of a clip,
-drawn from its own seeded stream; the loss is `sf.models.vae.vae_loss` (L1 of a posterior sample + KL). Being
-fully convolutional and causal in time, the VAE then encodes whole 81-frame 64x64 clips. Every export
-(``vae.safetensors``, a `save_codec` file) first fits the per-channel latent mean/std on `vae.stats_videos`
-whole clips, so the latents the DiT sees are normalised.
+drawn from its own seeded stream; the loss is `sf.models.vae.vae_loss` (L1 of a posterior sample or mean,
+optionally foreground-weighted, + KL). Being fully convolutional and causal in time, the VAE then encodes whole
+81-frame 64x64 clips. Every export (``vae.safetensors``, a `save_codec` file) first fits the per-channel latent
+mean/std on `vae.stats_videos` whole clips, so the latents the DiT sees are normalised.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class VaeJob(Job):
             video = torch.stack([self.crop(s["frames"], p) for s, p in zip(samples, positions)]).to(self.device)
             generator = torch.Generator(device=self.device).manual_seed(seed_for(cfg.seed, "vae", step, d.rank, micro))
             loss, stats = vae_loss(self.engine.module, video.to(self.dtype), cfg.vae.kl_weight, generator=generator,
-                                  sample=cfg.vae.sample_posterior)
+                                  sample=cfg.vae.sample_posterior, foreground_weight=cfg.vae.foreground_weight)
             self.optimise(self.engine, loss, "VAE", step)
             accumulate(out, {"loss/vae": loss.item(), **{f"vae/{k[4:]}": float(v) for k, v in stats.items()
                                                          if k != "vae_loss"}}, accum)
