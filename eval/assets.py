@@ -54,7 +54,8 @@ class Plan:
 
 QUICK = Plan(num_videos=6, num_prompts=16, vae_steps=2, teacher_steps=2, ode_steps=2, ode_pairs=4,
              ode_teacher_steps=3, classifier_steps=3,
-             extra=("trainer.checkpoint_every=2", "vae.stats_videos=2", "data.batch_size=2", "ode.batch_size=2"))
+             extra=("trainer.checkpoint_every=2", "vae.stats_videos=2", "vae.curriculum=[[1,1,2]]", "data.batch_size=2",
+                    "ode.batch_size=2"))
 
 
 def run(cmd: list[str], log: Path) -> None:

@@ -15,6 +15,7 @@ whatever device is given, and writes JSON + a PNG learning curve.
     python -m eval.bench_vae --steps 300 --foreground-weight 0                  # plain L1: background only
     python -m eval.bench_vae --steps 20000 --batch 8 --device cuda --out runs/vae   # a GPU schedule
     python -m eval.bench_vae --data constant --crop-frames 1 --crop-size 32      # the constant-colour probe
+    python -m eval.bench_vae --evaluate sf/assets/world/vae.safetensors --val-videos 16   # score a saved codec
 
 ``--data constant`` trains on clips of one random colour: a sanity probe (an autoencoder should learn it at
 once; the PSNR it reaches after N steps says how hard the architecture is to optimise, independent of objects).
@@ -48,18 +49,27 @@ def psnr(error_sq: float) -> float:
 
 
 @torch.no_grad()
-def evaluate(codec: WanVAE, clips: list[tuple[np.ndarray, str]], device) -> dict:
-    """Clip PSNR and object-pixel PSNR of whole-clip reconstructions (posterior mean, diffusers' clamp)."""
+def evaluate(codec: WanVAE, clips: list[tuple[np.ndarray, str]], device, per_frame: bool = False) -> dict:
+    """Clip PSNR and object-pixel PSNR of whole-clip reconstructions (posterior mean, diffusers' clamp); with
+    `per_frame`, also the object PSNR of each frame index (where long clips degrade)."""
+    was_training = codec.training
     codec.eval()
     total, objects, count, object_count = 0.0, 0.0, 0, 0
+    frame_objects, frame_counts = 0.0, 0
     for frames, background in clips:
         video = video_from_uint8(frames)[None].to(device)
         error = (codec.decode_raw(codec.encode_raw(video)).float() - video).square().sum(2)[0].cpu()  # (T, H, W)
         mask = torch.from_numpy(object_mask(frames, background))
         total, count = total + error.sum().item(), count + error.numel() * 3
         objects, object_count = objects + error[mask].sum().item(), object_count + int(mask.sum()) * 3
-    codec.train()
-    return {"psnr": psnr(total / count), "object_psnr": psnr(objects / max(object_count, 1))}
+        frame_objects = frame_objects + (error * mask).sum((1, 2)).double()
+        frame_counts = frame_counts + mask.sum((1, 2)).double() * 3
+    codec.train(was_training)
+    result = {"psnr": psnr(total / count), "object_psnr": psnr(objects / max(object_count, 1))}
+    if per_frame:
+        result["object_psnr_per_frame"] = [round(psnr(e / max(n, 1)), 2)
+                                           for e, n in zip(frame_objects.tolist(), frame_counts.tolist())]
+    return result
 
 
 class Windows:
@@ -106,7 +116,8 @@ def train(args) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = args.lr * min(1.0, step / max(args.warmup, 1))
         video = windows.batch().to(device)
-        loss, _ = vae_loss(codec, video, args.kl_weight, sample=False, foreground_weight=args.foreground_weight)
+        loss, _ = vae_loss(codec, video, args.kl_weight, sample=False, foreground_weight=args.foreground_weight,
+                           l2_weight=args.l2_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(codec.parameters(), args.grad_clip)
@@ -156,6 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--grad-clip", type=float, default=1.0)
     parser.add_argument("--kl-weight", type=float, default=1e-6)
     parser.add_argument("--foreground-weight", type=float, default=10.0, help="0: the plain L1")
+    parser.add_argument("--l2-weight", type=float, default=1.0, help="squared-error term added to the L1")
     parser.add_argument("--flavor", default="world")
     parser.add_argument("--base-dim", type=int, default=None, help="override the flavor's base_dim")
     parser.add_argument("--decoder-base-dim", type=int, default=None, help="a wider decoder than encoder")
@@ -167,7 +179,18 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, default=None, help="write bench_vae.json and bench_vae.png here")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--evaluate", type=Path, default=None, metavar="CODEC",
+                        help="only score a saved codec (a save_codec file) on --val-videos whole val clips")
     args = parser.parse_args(argv)
+    if args.evaluate is not None:
+        from sf.models.vae import load_codec
+
+        clips = [(render(scene), scene.background) for scene in (make_scene(args.seed, "val", i)
+                                                                 for i in range(args.val_videos))]
+        result = {k: [round(x, 2) for x in v] if isinstance(v, list) else round(v, 2) for k, v in
+                  evaluate(load_codec(args.evaluate, args.device), clips, args.device, per_frame=True).items()}
+        print(json.dumps({"codec": str(args.evaluate), "val_videos": args.val_videos, **result}))
+        return result
     if (args.crop_frames - 1) % 4 or args.crop_size % 8:
         parser.error(f"--crop-frames must be 1 + 4k and --crop-size a multiple of 8, got {args.crop_frames}, "
                      f"{args.crop_size}")

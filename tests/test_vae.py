@@ -189,7 +189,7 @@ def test_foreground_mask_finds_the_objects_of_world_clips():
         assert 0 < truth.mean() < 0.2 and (mask == truth).all()
 
 
-def test_foreground_weight_upweights_object_errors_only():
+def test_foreground_and_l2_weights_shape_the_reconstruction_loss():
     """With weight w the loss is a weighted L1 mean: a decoder that drops the objects costs (1 + w)x more per
     object pixel, and w = 0 is the plain L1."""
     codec = fresh_world_codec()
@@ -203,8 +203,15 @@ def test_foreground_weight_upweights_object_errors_only():
     expected = (error.sum() + 10.0 * error[mask].sum()) / (error.numel() + 10.0 * mask.sum())
     assert weighted.item() == pytest.approx(expected.item(), rel=1e-5)
     assert torch.isfinite(stats["vae_fg_psnr"]) and stats["vae_fg_psnr"] < stats["vae_psnr"]
+    with torch.no_grad():
+        both, _ = vae_loss(codec, video, kl_weight=0.0, sample=False, foreground_weight=10.0, l2_weight=0.5)
+    per_value = error.abs() + 0.5 * error.square()
+    expected = (per_value.sum() + 10.0 * per_value[mask].sum()) / (error.numel() + 10.0 * mask.sum())
+    assert both.item() == pytest.approx(expected.item(), rel=1e-5)
     with pytest.raises(ValueError, match="foreground_weight"):
         vae_loss(codec, video, foreground_weight=-1.0)
+    with pytest.raises(ValueError, match="l2_weight"):
+        vae_loss(codec, video, l2_weight=-1.0)
 
 
 # ------------------------------------------------------------------------------------------------ save / load

@@ -85,6 +85,25 @@ def test_teacherless_tasks_do_not_ask_for_a_teacher_but_distill_does(tmp_path):
     assert result.returncode == 1 and "matches no shard" in result.stderr.strip().splitlines()[-1]
 
 
+def test_vae_curriculum_cuts_many_short_windows_first_then_long_ones():
+    """world_vae's curriculum: single frames, then short windows, then `crop_frames`; each a pure function of
+    (seed, position, step), so a resumed run cuts the same crops."""
+    from types import SimpleNamespace
+
+    from sf.data.world import make_scene, render
+    from sf.tasks.vae import VaeJob
+
+    vae = SimpleNamespace(curriculum=[[3, 1, 4], [2, 5, 2]], crop_frames=17, crop_size=48)
+    job = SimpleNamespace(cfg=SimpleNamespace(seed=0, vae=vae))
+    job.stage = lambda step: VaeJob.stage(job, step)
+    assert [job.stage(step) for step in range(7)] == [(1, 4)] * 3 + [(5, 2)] * 2 + [(17, 1)] * 2
+    frames = render(make_scene(0, "train", 0))
+    shapes = [tuple(VaeJob.crop(job, frames, 7, step).shape) for step in (0, 3, 5)]
+    assert shapes == [(4, 1, 3, 48, 48), (2, 5, 3, 48, 48), (1, 17, 3, 48, 48)]
+    assert torch.equal(VaeJob.crop(job, frames, 7, 0), VaeJob.crop(job, frames, 7, 0))
+    assert not torch.equal(VaeJob.crop(job, frames, 7, 0), VaeJob.crop(job, frames, 8, 0))
+
+
 @pytest.mark.slow
 def test_make_assets_quick_builds_every_asset_from_scratch(quick_assets):
     """`make assets` shortened: every recipe runs, every asset loads, provenance is recorded."""

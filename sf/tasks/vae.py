@@ -1,7 +1,8 @@
 """task=vae: train the Wan VAE of `codec` (diffusers' AutoencoderKLWan) on the pixels of `data.shards`.
 
 Each sample is a random window of `vae.crop_frames` (1 + 4k) frames and a random `vae.crop_size` square of a clip,
-drawn from its own seeded stream; the loss is `sf.models.vae.vae_loss` (L1 of a posterior sample or mean,
+drawn from its own seeded stream — or, while `vae.curriculum` lasts, several shorter windows per clip (single
+frames first: the causal VAE's first-frame path learns the scenes' content at a fraction of a window's cost); the loss is `sf.models.vae.vae_loss` (L1 of a posterior sample or mean,
 optionally foreground-weighted, + KL). Being fully convolutional and causal in time, the VAE then encodes whole
 81-frame 64x64 clips. Every export (``vae.safetensors``, a `save_codec` file) first fits the per-channel latent
 mean/std on `vae.stats_videos` whole clips, so the latents the DiT sees are normalised.
@@ -35,33 +36,50 @@ class VaeJob(Job):
         self.engines = {"vae": self.engine}
         self.bank = SampleBank(cfg.data.shards, decode_pixel_sample, "pixel samples")
         self.num_skipped = self.bank.num_skipped
-        frames, size = cfg.vae.crop_frames, cfg.vae.crop_size
-        if (frames - 1) % codec.temporal_compression or size % codec.spatial_compression:
-            raise ValueError(f"vae.crop_frames must be 1 + {codec.temporal_compression}k and vae.crop_size a "
-                             f"multiple of {codec.spatial_compression}, got {frames} and {size}")
-        t, h, w, _ = self.bank.samples[0]["frames"].shape
-        if frames > t or size > min(h, w):
-            raise ValueError(f"crops of {frames} frames x {size} px do not fit clips of {t} x {h} x {w}")
+        size, t, h, w = cfg.vae.crop_size, *self.bank.samples[0]["frames"].shape[:3]
+        for stage in cfg.vae.curriculum:
+            if len(stage) != 3 or min(stage) < 1:
+                raise ValueError(f"vae.curriculum stages are [steps, frames, windows per clip], all >= 1; got {stage}")
+        for frames in [cfg.vae.crop_frames, *(stage[1] for stage in cfg.vae.curriculum)]:
+            if (frames - 1) % codec.temporal_compression or size % codec.spatial_compression:
+                raise ValueError(f"vae window frames must be 1 + {codec.temporal_compression}k and vae.crop_size a "
+                                 f"multiple of {codec.spatial_compression}, got {frames} and {size}")
+            if frames > t or size > min(h, w):
+                raise ValueError(f"crops of {frames} frames x {size} px do not fit clips of {t} x {h} x {w}")
 
     def base_lr(self, name):
         return self.cfg.optim.generator.lr
 
-    def crop(self, frames: np.ndarray, position: int) -> torch.Tensor:
-        """A seeded random window and square of one clip, as a float video (T, 3, H, W) in [-1, 1]."""
+    def stage(self, step: int) -> tuple[int, int]:
+        """(window frames, windows per clip) at `step` (from 0): the `vae.curriculum` stage it falls in, past the
+        curriculum `vae.crop_frames` x 1."""
+        end = 0
+        for steps, frames, windows in self.cfg.vae.curriculum:
+            end += steps
+            if step < end:
+                return frames, windows
+        return self.cfg.vae.crop_frames, 1
+
+    def crop(self, frames: np.ndarray, position: int, step: int) -> torch.Tensor:
+        """Float videos (N, T, 3, H, W) in [-1, 1] cut from one clip by its own seeded stream: N random windows of
+        T frames (the stage's, `stage`) inside one random square of side `vae.crop_size`."""
         rng = np.random.default_rng(seed_for(self.cfg.seed, "crop", position))
         t, h, w, _ = frames.shape
-        frames_, size = self.cfg.vae.crop_frames, self.cfg.vae.crop_size
-        t0, y0, x0 = (int(rng.integers(0, n - k + 1)) for n, k in ((t, frames_), (h, size), (w, size)))
-        return video_from_uint8(frames[t0:t0 + frames_, y0:y0 + size, x0:x0 + size])
+        length, windows = self.stage(step)
+        size = self.cfg.vae.crop_size
+        starts = rng.integers(0, t - length + 1, size=windows)
+        y0, x0 = (int(rng.integers(0, n - size + 1)) for n in (h, w))
+        return torch.stack([video_from_uint8(frames[s:s + length, y0:y0 + size, x0:x0 + size]) for s in starts])
 
     def step(self, step: int) -> dict:
         cfg, d, out, accum = self.cfg, self.dist, {}, self.cfg.trainer.grad_accum_steps
         for micro in range(accum):
             samples, positions = self.micro_batch(step, micro)
-            video = torch.stack([self.crop(s["frames"], p) for s, p in zip(samples, positions)]).to(self.device)
+            video = torch.cat([self.crop(s["frames"], p, step) for s, p in zip(samples, positions)]).to(self.device)
             generator = torch.Generator(device=self.device).manual_seed(seed_for(cfg.seed, "vae", step, d.rank, micro))
             loss, stats = vae_loss(self.engine.module, video.to(self.dtype), cfg.vae.kl_weight, generator=generator,
-                                  sample=cfg.vae.sample_posterior, foreground_weight=cfg.vae.foreground_weight)
+                                  sample=cfg.vae.sample_posterior, foreground_weight=cfg.vae.foreground_weight,
+                                  l2_weight=cfg.vae.l2_weight)
             self.optimise(self.engine, loss, "VAE", step)
             accumulate(out, {"loss/vae": loss.item(), **{f"vae/{k[4:]}": float(v) for k, v in stats.items()
                                                          if k != "vae_loss"}}, accum)
