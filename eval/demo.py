@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
                                  "training_steps": step}
             samples["student"] = videos[:4]
             drift["student"] = evaluator.drift(student, rollout)
+    report["vae_round_trip"] = evaluator.vae_round_trip(evaluator.cfg.history_videos)  # every model's ceiling
     report["acceptance"] = acceptance(report)
     report["oracle_definition"] = ORACLE_DEFINITION
     report["timing"] = {"train_s": round(trained - begin, 1), "eval_s": round(time.perf_counter() - trained, 1),

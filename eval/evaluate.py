@@ -174,6 +174,19 @@ class WorldEvaluator:
         return {"oracle_score": model_score(components), "components": components, "fvd": fvd,
                 "fvd_scale": FVD_SCALE, "per_video_oracle": oracle["oracle_score"], "num_videos": len(videos)}
 
+    @torch.no_grad()
+    def vae_round_trip(self, count: int | None = None) -> dict:
+        """The real videos of the first `count` captions encoded and decoded by the VAE, scored like a model: the
+        ceiling of what any model decoded by this VAE can reach (a VAE that loses the objects caps all at ~0)."""
+        from sf.models.vae import video_from_uint8
+
+        count, step = min(count or self.cfg.num_videos, self.cfg.num_videos), self.cfg.batch_size
+        latents = torch.cat([
+            self.codec.encode(torch.stack([video_from_uint8(v) for v in self.real[start:min(start + step, count)]])
+                              .to(self.device)).cpu()
+            for start in range(0, count, step)])
+        return {**self.score(self.decode(latents)), "sampler": "VAE encode + decode of the real videos"}
+
     def evaluate_teacher(self, net) -> tuple[dict, np.ndarray]:
         latents, nfe, seconds = self.generate_teacher(net)
         videos = self.decode(latents)
@@ -232,10 +245,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[1000, 750, 500, 250], help="student step list")
     parser.add_argument("--frames-per-block", type=int, default=3)
     parser.add_argument("--no-drift", action="store_true", help="skip the long rollouts")
+    parser.add_argument("--vae-round-trip", action="store_true",
+                        help="also score the real videos encoded and decoded by the VAE (the ceiling for every model)")
     parser.add_argument("--out", type=Path, default=Path("eval_out"))
     args = parser.parse_args(argv)
-    if not (args.teacher or args.ode_init or args.student):
-        parser.error("give at least one of --teacher, --ode-init, --student")
+    if not (args.teacher or args.ode_init or args.student or args.vae_round_trip):
+        parser.error("give at least one of --teacher, --ode-init, --student, --vae-round-trip")
 
     evaluator = WorldEvaluator(EvalConfig(split=args.split, num_videos=args.num_videos,
                                           teacher_steps=args.teacher_steps), args.assets)
@@ -254,6 +269,8 @@ def main(argv: list[str] | None = None) -> None:
                 drift[name] = evaluator.drift(net, rollout)
         report[name]["weights"] = str(path)
         samples[name] = videos[:4]
+    if args.vae_round_trip:
+        report["vae_round_trip"] = evaluator.vae_round_trip()
     report["oracle_definition"] = ORACLE_DEFINITION
     path = write_report(args.out, report, drift=drift or None, samples=samples, captions=evaluator.captions[:4])
     print(format_table(report))

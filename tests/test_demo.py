@@ -78,6 +78,14 @@ def test_batched_decode_matches_one_clip_at_a_time(evaluator):
     assert np.abs(batched - single).max() <= 1  # uint8 rounding of float-level differences
 
 
+def test_vae_round_trip_scores_the_real_videos_through_the_codec(evaluator):
+    """The ceiling for every model: the quick recipe's 2-step VAE loses the objects, the real videos do not."""
+    ceiling = evaluator.vae_round_trip(count=4)
+    assert ceiling["num_videos"] == 4 and set(ceiling["components"]) == set(COMPONENTS)
+    assert ceiling["components"]["prompt_adherence"] < 0.5 <= evaluator.score(evaluator.real[:4])["components"][
+        "prompt_adherence"]
+
+
 def test_a_count_limited_evaluation_scores_the_first_videos(evaluator, assets):
     result, videos = evaluator.evaluate_student(load_net(assets / "ode_init.safetensors"),
                                                 RolloutConfig(num_frames=21, frames_per_block=3), count=2)
@@ -118,6 +126,7 @@ def test_make_demo_on_a_shortened_schedule(tmp_path, assets):
     assert [h["step"] for h in report["history"]] == [0, 1, 2]
     assert all(h["num_videos"] == 4 for h in report["history"])  # history_videos (16) capped at 4
     assert set(report["acceptance"]) >= {"student_vs_teacher", "nfe_reduction", "beats_ode_init", "passed"}
+    assert report["vae_round_trip"]["num_videos"] == 4 and 0.0 <= report["vae_round_trip"]["oracle_score"] <= 1.0
     for path in ("report.md", "plots/losses.png", "plots/metric_vs_step.png", "plots/drift_vs_horizon.png",
                  "samples/side_by_side.mp4", "samples/side_by_side.gif"):
         assert (run_dir / path).stat().st_size > 0, path
