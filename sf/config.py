@@ -109,7 +109,7 @@ class VaeConfig:
     sample_posterior: bool = True  # False: decode the posterior mean (trains much faster from scratch)
     foreground_weight: float = 0.0  # > 0: pixels away from the clip's background weigh 1 + this in the L1
     l2_weight: float = 0.0  # > 0: add this x the (equally weighted) squared error to the L1
-    crop_frames: int = 41  # random 1 + 4k frame window of each clip (the causal VAE generalises to longer clips)
+    crop_frames: int = 41  # random 1 + 4k frame window of each clip (too short ones do not carry over to 81)
     crop_size: int = 32  # random square crop, a multiple of the spatial compression
     # stages [steps, window frames, windows per clip] run first, in order; then crop_frames x 1 window per clip
     curriculum: list = field(default_factory=list)

@@ -13,7 +13,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 
-def read_safetensors(path: str | Path, error: type[Exception] = ValueError) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_safetensors(
+    path: str | Path, error: type[Exception] = ValueError,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(tensors, metadata) of a safetensors file; `error` (a ValueError by default) naming the path if the file
     is missing or unreadable. Nothing is unpickled."""
     path = Path(path)

@@ -474,7 +474,8 @@ def vae_loss(
     codec: WanVAE, video: torch.Tensor, kl_weight: float = 1e-6, generator: torch.Generator | None = None,
     sample: bool = True, foreground_weight: float = 0.0, l2_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """L1 reconstruction of a posterior sample plus `kl_weight` x KL to N(0, 1), for a video (B, T, 3, H, W).
+    """L1 reconstruction of a posterior sample (+ optional weights and squared error, below) plus `kl_weight` x
+    KL to N(0, 1), for a video (B, T, 3, H, W).
 
     ``sample=False`` decodes the posterior mean instead: a fresh VAE's posterior is close to N(0, 1) (its mean
     is small, its variance 1), so a sample is mostly noise and the decoder learns little until the encoder has
@@ -496,8 +497,8 @@ def vae_loss(
     """
     if not isinstance(codec, WanVAE):
         raise TypeError(f"vae_loss trains a WanVAE, got {type(codec).__name__}")
-    if foreground_weight < 0:
-        raise ValueError(f"foreground_weight must be >= 0, got {foreground_weight}")
+    if foreground_weight < 0 or l2_weight < 0:
+        raise ValueError(f"foreground_weight and l2_weight must be >= 0, got {foreground_weight} and {l2_weight}")
     mean, logvar = codec.posterior(video)  # (B, F, C, h, w) each
     mean, logvar = mean.float(), logvar.float()
     noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
@@ -505,8 +506,6 @@ def vae_loss(
     recon = codec.decode_raw(z, clamp=False).float()  # (B, T, 3, H, W)
     error = recon - video.float()
     foreground = foreground_mask(video)
-    if l2_weight < 0:
-        raise ValueError(f"l2_weight must be >= 0, got {l2_weight}")
     per_value = error.abs() + l2_weight * error.square() if l2_weight > 0 else error.abs()
     if foreground_weight > 0:
         weight = 1.0 + foreground_weight * foreground.float()  # (B, T, 1, H, W), broadcast over channels

@@ -2,8 +2,9 @@
 
 Each sample is a random window of `vae.crop_frames` (1 + 4k) frames and a random `vae.crop_size` square of a clip,
 drawn from its own seeded stream — or, while `vae.curriculum` lasts, several shorter windows per clip (single
-frames first: the causal VAE's first-frame path learns the scenes' content at a fraction of a window's cost); the loss is `sf.models.vae.vae_loss` (L1 of a posterior sample or mean,
-optionally foreground-weighted, + KL). Being fully convolutional and causal in time, the VAE then encodes whole
+frames first: the causal VAE's first-frame path learns the scenes' content at a fraction of a window's cost).
+The loss is `sf.models.vae.vae_loss` (L1 of a posterior sample or mean, optionally foreground-weighted, plus an
+optional squared error, + KL). Being fully convolutional and causal in time, the VAE then encodes whole
 81-frame 64x64 clips. Every export (``vae.safetensors``, a `save_codec` file) first fits the per-channel latent
 mean/std on `vae.stats_videos` whole clips, so the latents the DiT sees are normalised.
 """
