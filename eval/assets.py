@@ -121,7 +121,8 @@ def step_world(out: Path, plan: Plan) -> tuple[Path, Path]:
 
 def step_latents(out: Path, vae: Path, shards: Path) -> Path:
     """The train videos encoded by the trained VAE (normalised latents, fp16) into latent shards."""
-    from sf.models.vae import cache_latents, load_codec
+    from sf.data.latents import cache_latents
+    from sf.models.vae import load_codec
 
     latents = out / "latents"
     if not (latents / "DONE").exists():

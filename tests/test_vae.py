@@ -8,14 +8,13 @@ import torch
 from safetensors.torch import save_file
 
 from sf.data import ShardWriter, decode_tensors, iter_samples, list_shards
+from sf.data.latents import LATENT_MEMBER, cache_latents
 from sf.data.world import WorldSpec, decode_world_sample, encode_npy, make_scene, render, write_world_shards
 from sf.models.vae import (
-    LATENT_MEMBER,
     WAN_VAE_CONFIGS,
     CodecConfig,
     IdentityCodec,
     WanVAE,
-    cache_latents,
     codec_from_config,
     foreground_mask,
     load_codec,

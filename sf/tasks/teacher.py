@@ -1,6 +1,6 @@
 """task=teacher: train a bidirectional DiT by flow matching on cached latents, with caption dropout for CFG.
 
-Data: latent shards (`sf.models.vae.cache_latents`: ``latent.safetensors`` + ``txt``) held in memory
+Data: latent shards (`sf.data.latents.cache_latents`: ``latent.safetensors`` + ``txt``) held in memory
 (`sf.data.bank`). Per sample: t = shift(u) * 1000 with u uniform (`flow.timestep_shift`), x_t = (1 - σ) x0 + σ ε,
 target ε - x0; with probability `flow.caption_dropout` the caption is replaced by the negative prompt, which is
 what the unconditional branch of classifier-free guidance sees at sampling time. Exports ``teacher`` and its EMA
