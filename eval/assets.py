@@ -198,9 +198,12 @@ def provenance(out: Path, name: str) -> dict:
     run_dir = out / "runs" / run_name
     checkpoint = latest_checkpoint(run_dir)
     metrics = read_metrics(run_dir / "metrics.jsonl")
+    per_step = {m.get("step"): m for m in metrics}  # a resumed run logs the steps after its checkpoint twice
     return {
         "command": "sf-train " + (run_dir / "command.txt").read_text().strip().split(" ", 2)[-1],
         "steps": metrics[-1].get("step") if metrics else None,
+        # summed over every invocation of a resumed run (`seconds` is the wall time of the build that finished it)
+        "step_seconds": round(sum(m.get("time/step_s", 0.0) for m in per_step.values()), 1),
         "final_metrics": metrics[-1] if metrics else {},
         "config_yaml": (checkpoint / "config.yaml").read_text() if checkpoint else None,
     }

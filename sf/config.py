@@ -118,11 +118,12 @@ class VaeConfig:
 
 @dataclass
 class OptimConfig:
-    """One AdamW per role; linear LR warm-up; gradient clipping by global norm."""
+    """One AdamW per role; LR warm-up, flat, linear cool-down; gradient clipping by global norm."""
 
     generator: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=2e-6))
     critic: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=4e-7))
     warmup_steps: int = 0
+    cooldown_steps: int = 0  # linear LR decay to ~0 over the last N of trainer.max_steps (0: flat to the end)
     grad_clip: float = 10.0
 
 

@@ -31,9 +31,13 @@ from sf.logging import make_logger
 from sf.tasks import JobContext, make_job
 
 
-def set_lr(engine, base_lr: float, step: int, warmup_steps: int) -> float:
-    """Linear warm-up from 0 to base_lr over `warmup_steps` iterations (stateless: resumes exactly)."""
+def set_lr(engine, base_lr: float, step: int, warmup_steps: int, cooldown_steps: int = 0, max_steps: int = 0) -> float:
+    """Warm-up, stable, decay: linear from 0 to base_lr over `warmup_steps` iterations, flat, then linear towards 0
+    over the last `cooldown_steps` of `max_steps` (the last step at base_lr / cooldown_steps). A function of the
+    step alone, so it resumes exactly, and a run extended before its cool-down matches one planned that long."""
     lr = base_lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else base_lr
+    if cooldown_steps > 0:
+        lr *= min(1.0, (max_steps - step) / cooldown_steps)
     for group in engine.optimizer.param_groups:
         group["lr"] = lr
     return lr
@@ -108,7 +112,8 @@ def train(cfg: TrainConfig, run_dir: str | Path, config_yaml: str = "") -> dict:
     samples_per_iteration = cfg.data.batch_size * cfg.trainer.grad_accum_steps * d.world_size
     for step in range(start_step, cfg.trainer.max_steps):
         start = time.perf_counter()
-        metrics = {f"lr/{name}": set_lr(engine, job.base_lr(name), step, cfg.optim.warmup_steps)
+        metrics = {f"lr/{name}": set_lr(engine, job.base_lr(name), step, cfg.optim.warmup_steps,
+                                          cfg.optim.cooldown_steps, cfg.trainer.max_steps)
                    for name, engine in job.engines.items()}
         metrics.update(job.step(step))
         metrics = distributed.mean_across_ranks(metrics, d.device)

@@ -30,6 +30,15 @@ def test_linear_warmup_is_stateless():
     assert set_lr(engine, 1e-3, 0, 0) == 1e-3
 
 
+def test_cooldown_decays_linearly_over_the_last_steps():
+    engine = _Engine()
+    lrs = [set_lr(engine, 1e-3, s, 2, cooldown_steps=4, max_steps=10) for s in range(10)]
+    assert lrs == pytest.approx([5e-4, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 1e-3, 7.5e-4, 5e-4, 2.5e-4])
+    # a run planned longer is identical until its own cool-down starts (extending a run before it is exact)
+    longer = [set_lr(engine, 1e-3, s, 2, cooldown_steps=4, max_steps=20) for s in range(16)]
+    assert longer[:6] == lrs[:6] and longer[15] == pytest.approx(1e-3)
+
+
 def test_sample_noise_does_not_depend_on_batching():
     seeds = [seed_for(0, "generator", 5, 0, i) for i in range(4)]
     together = SampleNoise(seeds)
