@@ -31,7 +31,7 @@ DEMO_ARGS ?=
 demo: setup
 	$(PY) -m eval.demo $(DEMO_ARGS)
 
-# Build the world's weights from scratch with the project's recipes (about 30 minutes on 2 CPU cores).
+# Build the world's weights from scratch with the project's recipes (about two hours on 2 CPU cores; they are shipped).
 assets: setup
 	$(PY) -m eval.assets --out build/assets --install sf/assets/world
 

@@ -202,7 +202,8 @@ def provenance(out: Path, name: str) -> dict:
     return {
         "command": "sf-train " + (run_dir / "command.txt").read_text().strip().split(" ", 2)[-1],
         "steps": metrics[-1].get("step") if metrics else None,
-        # summed over every invocation of a resumed run (`seconds` is the wall time of the build that finished it)
+        # the run's time in training steps, summed over the invocations of a resumed run (a build's own wall time,
+        # build/.../timings.json, covers only what that invocation did)
         "step_seconds": round(sum(m.get("time/step_s", 0.0) for m in per_step.values()), 1),
         "final_metrics": metrics[-1] if metrics else {},
         "config_yaml": (checkpoint / "config.yaml").read_text() if checkpoint else None,
@@ -212,12 +213,10 @@ def provenance(out: Path, name: str) -> dict:
 def install(out: Path, assets: dict[str, Path], target: Path) -> None:
     """Copy the assets into `target` with a <name>.json provenance record each."""
     target.mkdir(parents=True, exist_ok=True)
-    timings = json.loads((out / "timings.json").read_text())
     for name, path in assets.items():
         shutil.copy(path, target / path.name)
         if name != "train_prompts":
-            record = {"file": path.name, "bytes": path.stat().st_size, "seconds": timings.get(name),
-                      **provenance(out, name)}
+            record = {"file": path.name, "bytes": path.stat().st_size, **provenance(out, name)}
             (target / f"{name}.json").write_text(json.dumps(record, indent=1) + "\n")
     print(f"[assets] installed {len(assets)} assets into {target}", flush=True)
 
