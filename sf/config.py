@@ -193,11 +193,7 @@ def to_train_config(cfg: DictConfig | Any) -> TrainConfig:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ValueError(f"missing mandatory value: {', '.join(missing)} (set it as an override, e.g. {missing[0]}=...)")
-    typed = OmegaConf.to_object(cfg)
-    if not 0 <= typed.optim.cooldown_steps <= typed.trainer.max_steps:
-        raise ValueError(f"optim.cooldown_steps must be in [0, trainer.max_steps={typed.trainer.max_steps}], "
-                         f"got {typed.optim.cooldown_steps}")
-    return typed
+    return OmegaConf.to_object(cfg)
 
 
 register_configs()

@@ -34,8 +34,7 @@ from sf.tasks import JobContext, make_job
 def set_lr(engine, base_lr: float, step: int, warmup_steps: int, cooldown_steps: int = 0, max_steps: int = 0) -> float:
     """Warm-up, stable, decay: linear from 0 to base_lr over `warmup_steps` iterations, flat, then linear towards 0
     over the last `cooldown_steps` of `max_steps` (the last step at base_lr / cooldown_steps). A function of the
-    step alone, so it resumes exactly, and a run extended before its cool-down matches one planned that long.
-    `to_train_config` keeps cooldown_steps within [0, max_steps]."""
+    step alone, so it resumes exactly, and a run extended before its cool-down matches one planned that long."""
     lr = base_lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else base_lr
     if cooldown_steps > 0:
         lr *= min(1.0, (max_steps - step) / cooldown_steps)
