@@ -11,7 +11,7 @@ export PYTHONWARNINGS ?= ignore::FutureWarning
 export WANDB_SILENT ?= true
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test demo assets bench clean
+.PHONY: setup test test-fast demo assets bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ setup: $(VENV)/.installed
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The unit tier (in-process tests, under two minutes): the inner loop. `make test` is the whole suite.
+test-fast: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 # Self-forcing distillation of the world teacher (sf/assets/world; built first by `make assets` when missing),
 # then evaluation: outputs/demo/<time>/report.{json,md}, plots/, samples/. E.g. make demo DEMO_ARGS="--steps 40".

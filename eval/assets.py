@@ -12,7 +12,7 @@ interrupted build resumes (the training steps also resume from their own checkpo
     latents        the train videos encoded by that VAE into latent shards
     teacher        sf-train experiment=world_teacher    -> teacher.safetensors (the EMA weights)
     ode_init       sf-train experiment=world_ode        -> ode_init.safetensors (teacher pairs + regression)
-    classifier     python -m eval.world_fvd train       -> classifier.safetensors (the world-FVD features)
+    classifier     python -m sf.world.fvd train       -> classifier.safetensors (the world-FVD features)
 
 `--install DIR` copies the results into DIR with, for each, ``<name>.json``: the command and resolved config of
 the run that produced it and that run's final metrics. `make demo` starts from sf/assets/world.
@@ -50,12 +50,17 @@ class Plan:
     ode_teacher_steps: int | None = None
     classifier_steps: int | None = None
     extra: tuple[str, ...] = ()  # overrides for every sf-train run
+    recipe_extra: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (run name, overrides of that run only)
+
+    def overrides(self, name: str) -> list[str]:
+        """The extra overrides of run `name`: the shared ones, then its own."""
+        return [*self.extra, *dict(self.recipe_extra).get(name, ())]
 
 
 QUICK = Plan(num_videos=6, num_prompts=16, vae_steps=2, teacher_steps=2, ode_steps=2, ode_pairs=4,
              ode_teacher_steps=3, classifier_steps=3,
-             extra=("trainer.checkpoint_every=2", "vae.stats_videos=2", "vae.curriculum=[[1,1,2]]", "data.batch_size=2",
-                    "ode.batch_size=2"))
+             extra=("trainer.checkpoint_every=2", "data.batch_size=2"),
+             recipe_extra=(("vae", ("task.stats_videos=2", "task.curriculum=[[1,1,2]]")), ("ode", ("task.batch_size=2",))))
 
 
 def run(cmd: list[str], log: Path) -> None:
@@ -76,7 +81,7 @@ def train(name: str, experiment: str, out: Path, overrides: list[str], steps: in
 
     run_dir = out / "runs" / name
     cmd = [sys.executable, "-m", "sf.train", f"experiment={experiment}", f"hydra.run.dir={run_dir}", *overrides,
-           *plan.extra]
+           *plan.overrides(name)]
     if steps is not None:
         cmd.append(f"trainer.max_steps={steps}")
     (run_dir).mkdir(parents=True, exist_ok=True)
@@ -105,7 +110,7 @@ def step_text_encoder(out: Path) -> Path:
 
 def step_world(out: Path, plan: Plan) -> tuple[Path, Path]:
     """Train-split videos as shards (npy) and the train captions as a prompt file."""
-    from sf.data.world import caption, make_scene, write_world_shards
+    from sf.world.scenes import caption, make_scene, write_world_shards
 
     shards = out / "world" / "train"
     if not (shards / "DONE").exists():
@@ -135,7 +140,7 @@ def step_latents(out: Path, vae: Path, shards: Path) -> Path:
 def step_classifier(out: Path, plan: Plan) -> Path:
     path = out / "classifier.safetensors"
     if not path.exists():
-        cmd = [sys.executable, "-m", "eval.world_fvd", "train", "--out", str(path)]
+        cmd = [sys.executable, "-m", "sf.world.fvd", "train", "--out", str(path)]
         if plan.classifier_steps is not None:
             cmd += ["--steps", str(plan.classifier_steps)]
         run(cmd, out / "runs" / "classifier" / "train.log")
@@ -174,9 +179,9 @@ def build(out: Path, plan: Plan) -> dict[str, Path]:
     if not ode_init.exists():
         overrides = [*common, f"data.shards={prompts}", f"codec.checkpoint={vae}", f"teacher.checkpoint={teacher}"]
         if plan.ode_pairs is not None:
-            overrides.append(f"ode.num_pairs={plan.ode_pairs}")
+            overrides.append(f"task.num_pairs={plan.ode_pairs}")
         if plan.ode_teacher_steps is not None:
-            overrides.append(f"ode.num_steps={plan.ode_teacher_steps}")
+            overrides.append(f"task.num_steps={plan.ode_teacher_steps}")
         export = timed("ode_init", train, "ode", "world_ode", out, overrides, plan.ode_steps, plan)
         shutil.copy(export / "generator_ema.safetensors", ode_init)
 

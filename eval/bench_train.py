@@ -1,4 +1,4 @@
-"""Benchmark: the cost of one generator update of self forcing, and the memory ZeRO-3 saves (issue #3).
+"""Benchmark: the cost of one generator update of self forcing, and the memory ZeRO-3 saves.
 
 Three measurements, one JSON summary (printed, and written with a PNG plot into --out):
 
@@ -17,8 +17,8 @@ Three measurements, one JSON summary (printed, and written with a PNG plot into 
    several): fp32 on CPU; bf16 autocast on a CUDA device (GPU path, marked; not measured on the CPU machines).
 3. Per-rank parameter + optimizer bytes under ZeRO-3 vs ZeRO-0 at 2 ranks: the program starts one torchrun job
    per stage and precision (`--memory --stage S` below; fp32 and bf16 by default), each rank builds the
-   generator engine with sf.distributed.build_engine and the real engine_config, runs one
-   forward/backward/step so the optimizer state exists, and counts what it holds (see `held_bytes`).
+   generator role with sf.distributed.build_trainable and the real engine_config, runs one
+   forward/backward/step so the optimizer state exists, and counts what it holds (`Trainable.held_bytes`).
 
 Timings use `--threads` torch threads (default 1: on a shared 2-core machine a second thread makes timings
 swing) and report medians over `--repeats`, measurements interleaved across methods.
@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,9 +47,10 @@ if __package__ in (None, ""):  # run as a script (e.g. by torchrun): make the re
 import torch
 
 import sf  # noqa: F401  (torchvision compatibility before anything imports diffusers)
-from sf.diffusion.flow import add_noise, sample_dmd_timestep, t_to_sigma, x0_from_flow
+from sf.diffusion.flow import add_noise, dmd_timestep, t_to_sigma, x0_from_flow
 from sf.distill.losses import dmd_loss, x0_predictor
 from sf.distill.rollout import RolloutConfig, diffusion_forcing_rollout, self_forcing_rollout
+from sf.distributed import free_port
 from sf.models.dit import VideoDiT, dit_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,7 +74,7 @@ class Setup:
         self.generator.load_state_dict(teacher.state_dict())  # both start from the teacher, as in training
         self.critic.load_state_dict(teacher.state_dict())
         self.teacher = teacher.to(device).requires_grad_(False).eval()
-        self.critic.requires_grad_(False)  # frozen inside the generator's loss (sf.distributed.frozen in training)
+        self.critic.requires_grad_(False)  # frozen inside the generator's loss (Trainable.frozen in training)
         self.optimizer = torch.optim.AdamW(self.generator.parameters(), lr=2e-6, betas=(0.0, 0.999), weight_decay=0.01)
         self.rollout = RolloutConfig(num_frames=args.num_frames, frames_per_block=args.frames_per_block)
         self.shape = (args.batch, args.num_frames, cfg.in_channels, *args.latent_hw)
@@ -98,17 +98,17 @@ def generator_step(s: Setup, method: str, exit_step: int | None, inputs: tuple[t
     with s.autocast():
         if method == "self_forcing":
             out = self_forcing_rollout(s.generator, s.generator.new_cache, noise, s.context, s.rollout,
-                                       generator=s.rng, sync=fixed)
+                                       rng=s.rng, sync=fixed)
             video, forwards = out.video, out.num_forwards
         elif method == "diffusion_forcing":
             out = diffusion_forcing_rollout(s.generator, s.generator.new_cache, real, noise, s.context, s.rollout,
-                                            generator=s.rng, sync=fixed)
+                                            rng=s.rng, sync=fixed)
             video, forwards = out.video, out.num_forwards
         elif method == "diffusion_forcing_parallel":
             video, forwards = _parallel_diffusion_forcing(s, noise, real), 1
         else:
             raise ValueError(f"unknown method {method!r}")
-        t = sample_dmd_timestep(s.shape[0], s.rollout.shift, generator=s.rng)
+        t = dmd_timestep(torch.rand(s.shape[0], generator=s.rng, device=s.device), s.rollout.shift)
         eps = s.randn()
         real_score = x0_predictor(s.teacher, s.context, CFG_SCALE, s.negative)
         fake_score = x0_predictor(s.critic, s.context)
@@ -230,89 +230,6 @@ def matmul_peak(size: int, repeats: int, device: torch.device) -> float:
 # ----------------------------------------------------------------------------------------------- memory
 
 
-def _intervals(tensors) -> list[tuple[int, int]]:
-    """Byte ranges [start, end) the tensors occupy (whole storage for non-contiguous ones)."""
-    out = []
-    for t in tensors:
-        if t is None or not torch.is_tensor(t) or t.numel() == 0:
-            continue
-        if t.is_contiguous():
-            start = t.data_ptr()
-            out.append((start, start + t.numel() * t.element_size()))
-        else:
-            storage = t.untyped_storage()
-            out.append((storage.data_ptr(), storage.data_ptr() + storage.nbytes()))
-    return out
-
-
-def _union_bytes(intervals: list[tuple[int, int]]) -> int:
-    total, end = 0, None
-    for a, b in sorted(intervals):
-        if end is None or a >= end:
-            total += b - a
-            end = b
-        elif b > end:
-            total += b - end
-            end = b
-    return total
-
-
-# Where DeepSpeed 0.19 keeps the fp32 master weights, by optimizer wrapper.
-MASTER_ATTRIBUTES = (
-    "fp32_partitioned_groups_flat",  # ZeRO-3 (DeepSpeedZeroOptimizer_Stage3): this rank's partition
-    "single_partition_of_fp32_groups",  # ZeRO-1/2 (DeepSpeedZeroOptimizer): this rank's partition
-    "fp32_groups_flat_partition",  # BF16_Optimizer: this rank's partition
-    "fp32_groups_flat",  # FP16_Optimizer (fused): full copy
-    "fp32_groups",  # FP16_UnfusedOptimizer (bf16 at ZeRO-0): full copy, a list of lists of tensors
-)
-
-
-def _tensors_in(value) -> list[torch.Tensor]:
-    """Tensors in a tensor or (nested) list/tuple of tensors."""
-    if torch.is_tensor(value):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [t for item in value for t in _tensors_in(item)]
-    return []
-
-
-def held_bytes(engine) -> dict:
-    """Bytes of parameters and optimizer state this rank holds, each byte counted once.
-
-    parameters     ZeRO-3: each parameter's own partition `p.ds_tensor`; otherwise the full `p.data`
-    fp32 master    the DeepSpeed wrapper's fp32 copy of (this rank's partition of) the parameters, found under
-                   the attribute names of MASTER_ATTRIBUTES; plain fp32 ZeRO-0 (torch AdamW unwrapped) has none
-    optimizer      every tensor in the torch AdamW's state (exp_avg, exp_avg_sq, step) on this rank
-    Tensors that share memory (under fp32 ZeRO-3 the master partition IS the parameter partition) are counted
-    once, in the first category: the categories are "new bytes" in that order. Not counted: gradients and
-    DeepSpeed's communication buckets (transient), activations, buffers of the module.
-    """
-    params = list(engine.module.parameters())
-    zero3 = any(hasattr(p, "ds_tensor") for p in params)
-    wrapper = engine.optimizer
-    basic = getattr(engine, "basic_optimizer", None) or getattr(wrapper, "optimizer", None) or wrapper
-    masters = []
-    for name in MASTER_ATTRIBUTES:
-        masters += _tensors_in(getattr(wrapper, name, None))
-    states = [v for state in basic.state.values() for v in state.values() if torch.is_tensor(v)]
-    categories = {
-        "parameters": [p.ds_tensor if zero3 else p.data for p in params],
-        "fp32_master": masters,
-        "optimizer_state": states,
-    }
-    seen: list[tuple[int, int]] = []
-    out = {"zero3_partitioned": zero3, "optimizer_wrapper": type(wrapper).__name__,
-           "num_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in params)}
-    for name, tensors in categories.items():
-        ranges = _intervals(tensors)
-        before = _union_bytes(seen)
-        seen += ranges
-        out[f"{name}_bytes"] = _union_bytes(seen) - before
-        out[f"{name}_raw_bytes"] = sum(b - a for a, b in ranges)  # before removing shared memory
-    out["total_bytes"] = _union_bytes(seen)
-    return out
-
-
 def memory_job(args: argparse.Namespace) -> dict:
     """One rank of a `--memory` torchrun job: build the generator engine, one step, count held bytes."""
     from sf import distributed
@@ -325,17 +242,16 @@ def memory_job(args: argparse.Namespace) -> dict:
         bf16 = precision == "bf16"
         config = distributed.engine_config(distributed.DeepSpeedConfig(stage=args.stage), micro_batch=1,
                                            grad_accum=1, grad_clip=10.0, bf16=bf16)
-        engine = distributed.build_engine(model, distributed.OptimizerConfig(), config)
+        role = distributed.build_trainable(model, distributed.RoleSpec("generator", distributed.OptimizerConfig()),
+                                           config)
         dtype = torch.bfloat16 if bf16 else torch.float32
         cfg = model.cfg
         x = torch.randn(1, args.frames_per_block, cfg.in_channels, *args.latent_hw, device=d.device, dtype=dtype)
         t = torch.full((1,), 500.0, device=d.device)
-        ctx = torch.randn(1, args.text_len, cfg.text_dim, device=d.device, dtype=dtype)
-        loss = engine(x, t, ctx).float().square().mean()
-        engine.backward(loss)
-        engine.step()
+        context = torch.randn(1, args.text_len, cfg.text_dim, device=d.device, dtype=dtype)
+        role.step(role(x, t, context).float().square().mean())
         result = {"rank": d.rank, "world_size": d.world_size, "stage": args.stage,
-                  "precision": precision, **held_bytes(engine)}
+                  "precision": precision, **role.held_bytes()}
         if args.memory_out:
             Path(args.memory_out, f"rank{d.rank}.json").write_text(json.dumps(result))
         else:
@@ -344,11 +260,6 @@ def memory_job(args: argparse.Namespace) -> dict:
     finally:
         distributed.shutdown()
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_memory_jobs(args: argparse.Namespace, precision: str) -> dict:
@@ -361,7 +272,7 @@ def run_memory_jobs(args: argparse.Namespace, precision: str) -> dict:
     for stage in (0, 3):
         with tempfile.TemporaryDirectory() as tmp:
             cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.world_size}",
-                   "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+                   "--nnodes=1", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
                    "-m", "eval.bench_train", "--memory", "--stage", str(stage), "--flavor", args.flavor,
                    "--memory-precision", precision, "--frames-per-block", str(args.frames_per_block),
                    "--latent-hw", *map(str, args.latent_hw), "--text-len", str(args.text_len), "--memory-out", tmp]

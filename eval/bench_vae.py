@@ -35,8 +35,9 @@ import numpy as np
 import torch
 
 import sf  # noqa: F401  (torchvision fix before diffusers is imported)
-from sf.data.world import BACKGROUNDS, make_scene, render
-from sf.models.vae import WanVAE, vae_loss, video_from_uint8
+from sf.world.scenes import BACKGROUNDS, make_scene, render
+from sf.models.vae import WanVAE, video_from_uint8
+from sf.tasks.vae import vae_loss
 
 
 def object_mask(frames: np.ndarray, background: str) -> np.ndarray:

@@ -7,10 +7,10 @@
    when they are missing they are built first by the project's recipes (`make assets`, eval/assets.py).
 1. `sf-train experiment=demo`: DMD self-forcing from the ODE init, with the teacher as the real score and a
    critic initialised from it, as a DeepSpeed job.
-2. `eval/evaluate.py` on the same evaluation captions (world `val` split): the teacher (48 guided steps), the ODE
+2. `sf/world/evaluate.py` on the same evaluation captions (world `val` split): the teacher (48 guided steps), the ODE
    init and the distilled student (4 steps, streamed chunk by chunk), plus each intermediate checkpoint of the
    run (metric vs step) and long rollouts of the causal models (drift vs horizon).
-3. `eval/report.py`: report.json (teacher / ode_init / student: oracle_score, components, NFE and seconds per
+3. `sf/world/report.py`: report.json (teacher / ode_init / student: oracle_score, components, NFE and seconds per
    frame), report.md, plots/*.png, samples/side_by_side.{mp4,gif}; the summary table is printed.
 
 Acceptance (docs/benchmarks.md): the student keeps >= 90 % of the teacher's oracle score with >= 10x fewer
@@ -87,8 +87,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from eval.evaluate import ASSETS, ORACLE_DEFINITION, EvalConfig, WorldEvaluator, load_net
-    from eval.report import format_table, write_report
+    from sf.world.evaluate import ASSETS, EvalConfig, WorldEvaluator, load_net
+    from sf.world.report import ORACLE_DEFINITION, format_table, write_report
     from sf.checkpoint import list_checkpoints
 
     assets = args.assets or ASSETS
@@ -150,12 +150,9 @@ def build_assets(out: Path, target: Path) -> None:
 
 def _rollout(checkpoint: Path):
     """The run's rollout config (its step list and chunking), from the checkpoint's resolved config."""
-    from omegaconf import OmegaConf
+    from sf.config import read_run_config
 
-    from sf.distill.rollout import RolloutConfig
-
-    cfg = OmegaConf.to_container(OmegaConf.load(checkpoint / "config.yaml").rollout)
-    return RolloutConfig(**cfg)
+    return read_run_config(checkpoint).task.rollout
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
 """Resumable training checkpoints and their safetensors exports.
 
     run_dir/checkpoints/step_000100/
-        generator/ critic/                DeepSpeed states (weights + optimizer, sharded per rank under ZeRO)
-        ema/rank_00000.safetensors        the generator EMA (a shard per rank under ZeRO-3)
+        generator/ critic/                each trained role's DeepSpeed state (weights + optimizer, sharded per rank)
+        ema/rank_00000.safetensors        the EMA (a shard per rank under ZeRO-3; its start step in the metadata)
         trainer/rank_00000.safetensors    every rank's RNG states; trainer/state.json: step, data positions, ...
         export/generator.safetensors      plain weights + model config, loadable without DeepSpeed
         export/generator_ema.safetensors  (sf.models.convert.load_dit reads them)
-        export/critic.safetensors         (other tasks export their own engines: teacher, vae, ...)
+        export/critic.safetensors         (other tasks export their own roles: teacher, vae, ...)
         config.yaml                       the resolved config that built the run
         COMPLETE
 
@@ -77,9 +77,9 @@ def save_checkpoint(
     run_dir: Path,
     step: int,
     *,
-    engines: dict,
+    roles: dict[str, distributed.Trainable],
     ema: distributed.EMA | None,
-    ema_name: str = "generator_ema",
+    ema_name: str,
     trainer_state: dict,
     exporter: Callable[[str, dict, Path, int], None],
     config_yaml: str,
@@ -96,12 +96,13 @@ def save_checkpoint(
         tmp.mkdir(parents=True)
     distributed.barrier()
 
-    for name, engine in engines.items():
-        engine.save_checkpoint(str(tmp), tag=name, save_latest=False)
+    for role in roles.values():
+        role.save(tmp)
     rank_file = f"rank_{rank:05d}.safetensors"
     if ema is not None:
         (tmp / "ema").mkdir(exist_ok=True)
-        save_file({k: v.contiguous().cpu() for k, v in ema.state_dict().items()}, str(tmp / "ema" / rank_file))
+        save_file({k: v.contiguous().cpu() for k, v in ema.state_dict().items()}, str(tmp / "ema" / rank_file),
+                  metadata={"started_at": json.dumps(ema.started_at)})
     rng = rng_state()
     (tmp / "trainer").mkdir(exist_ok=True)
     save_file({k: v.contiguous() for k, v in rng["tensors"].items()}, str(tmp / "trainer" / rank_file),
@@ -110,7 +111,7 @@ def save_checkpoint(
 
     exports = {}
     if export:
-        exports = {name: distributed.full_state_dict(engine.module, rank) for name, engine in engines.items()}
+        exports = {name: role.full_state_dict(rank) for name, role in roles.items()}
         if ema is not None:
             exports[ema_name] = ema.full_state_dict(rank)
     if rank == 0:
@@ -139,22 +140,22 @@ def _prune(run_dir: Path, keep_last: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(path: Path, *, engines: dict, ema: distributed.EMA | None, rank: int, world_size: int) -> dict:
-    """Restore engines, EMA and this rank's RNG from `path`; returns this rank's trainer state (with `step`)."""
+def load_checkpoint(path: Path, *, roles: dict[str, distributed.Trainable], ema: distributed.EMA | None, rank: int,
+                    world_size: int) -> dict:
+    """Restore roles, EMA and this rank's RNG from `path`; returns this rank's trainer state (with `step`)."""
     state = json.loads((path / "trainer" / "state.json").read_text())
     if len(state["ranks"]) != world_size:
         raise ValueError(
             f"{path} was written by {len(state['ranks'])} ranks, this job has {world_size}: resume with the same "
             f"world size, or start a new run from {path / 'export'}"
         )
-    for name, engine in engines.items():
-        load_path, _ = engine.load_checkpoint(str(path), tag=name, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
-        if load_path is None:
-            raise ValueError(f"{path}: DeepSpeed state of {name!r} could not be loaded")
+    for role in roles.values():
+        role.load(path)
     rank_file = f"rank_{rank:05d}.safetensors"
     if ema is not None:
-        ema.load_state_dict(load_file(str(path / "ema" / rank_file)))
+        with safe_open(str(path / "ema" / rank_file), framework="pt") as f:
+            started_at = json.loads((f.metadata() or {}).get("started_at", "null"))
+        ema.load_state_dict(load_file(str(path / "ema" / rank_file)), started_at)
     with safe_open(str(path / "trainer" / rank_file), framework="pt") as f:
         meta = json.loads(f.metadata()["rng"])
     set_rng_state(load_file(str(path / "trainer" / rank_file)), meta)

@@ -7,7 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-import sf  # noqa: F401
 
 
 def train_main() -> None:
@@ -19,7 +18,7 @@ def train_main() -> None:
 
 def eval_main() -> None:
     """sf-eval: score exported world models (oracle, world-FVD, NFE, drift); see `sf-eval --help`."""
-    from eval.evaluate import main
+    from sf.world.evaluate import main
 
     main()
 
@@ -51,10 +50,10 @@ def export_checkpoint(checkpoint: Path, out: Path, fmt: str = "sf") -> list[Path
         if (exported / f"{name}.safetensors").exists():
             state, _, cfg = read_checkpoint(exported / f"{name}.safetensors")
         else:  # exports were switched off: rebuild from the DeepSpeed (ZeRO) states, no GPU or launcher needed
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+            from sf.distributed import consolidated_state_dict
 
             cfg = _model_config(checkpoint, name)
-            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=name)
+            state = consolidated_state_dict(checkpoint, name)
         generator_cfg = cfg if name == "generator" else generator_cfg
         written.append(save_state_dict(state, cfg, _target(out, name, fmt), fmt, {"source": str(checkpoint)}))
     if (exported / "generator_ema.safetensors").exists():
@@ -75,13 +74,12 @@ def _target(out: Path, name: str, fmt: str) -> Path:
 
 def _model_config(checkpoint: Path, name: str):
     """The DiT config of a role, read from the checkpoint's resolved config.yaml."""
-    from omegaconf import OmegaConf
-
+    from sf.config import read_run_config
     from sf.models.dit import dit_config
 
-    cfg = OmegaConf.load(checkpoint / "config.yaml")
+    cfg = read_run_config(checkpoint)
     net = cfg.model if name == "generator" else (cfg.teacher if cfg.critic.init_from_teacher else cfg.critic)
-    return dit_config(net.flavor, **OmegaConf.to_container(net.overrides))
+    return dit_config(net.flavor, **net.overrides)
 
 
 def export_main(argv=None) -> None:
@@ -127,11 +125,11 @@ def generate_main(argv=None) -> None:
                             local_attn_frames=args.local_attn_frames, sink_frames=args.sink_frames)
     args.out.mkdir(parents=True, exist_ok=True)
     for i, prompt in enumerate(args.prompt):
-        ctx, _ = text([prompt])
-        gen = torch.Generator().manual_seed(args.seed + i)
-        noise = torch.randn((1, args.num_frames, net.cfg.in_channels, *args.latent_hw), generator=gen)
+        context, _ = text([prompt])
+        rng = torch.Generator().manual_seed(args.seed + i)
+        noise = torch.randn((1, args.num_frames, net.cfg.in_channels, *args.latent_hw), generator=rng)
         with torch.no_grad():
-            video = generate(net, net.new_cache, noise, ctx, rollout, generator=gen)
+            video = generate(net, net.new_cache, noise, context, rollout, rng=rng)
         torch.save(video, args.out / f"video_{i:03d}.pt")
         path = save_video(latent_preview(video[0]), args.out / f"video_{i:03d}.mp4")
         print(json.dumps({"prompt": prompt, "latents": str(args.out / f"video_{i:03d}.pt"), "preview": str(path)}))

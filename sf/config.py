@@ -1,28 +1,35 @@
-"""Typed configuration: one dataclass per concern, composed into `TrainConfig` and registered with Hydra.
+"""Typed configuration: the sections every task shares, composed into `TrainConfig` and registered with Hydra.
 
-`conf/config.yaml` starts from the `train_schema` registered here, so every YAML group and every CLI override is
-checked against these types at compose time: an unknown key or a wrong type fails with Hydra's message naming
-it. `to_train_config` turns the composed DictConfig into these objects; nothing below `main()` sees a DictConfig.
+`conf/config.yaml` starts from the `train_schema` registered here; `task` is filled by the `task` group
+(`conf/task/<name>.yaml`), whose files start from the task's own schema (`schema/task/<name>`, the dataclass
+beside its job in `sf/tasks/<name>.py`). So every YAML group and every CLI override is checked against these
+types at compose time: an unknown key or a wrong type fails with Hydra's message naming it, and a key added with
+`+` that no schema knows fails in `to_train_config`. Nothing below `main()` sees a DictConfig.
+
+The resolved config saved with every checkpoint carries `config_version`; `read_run_config` reads any saved
+version back as typed objects (`migrate` turns the older layouts into this one).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from sf.data.prompts import PromptDataConfig
-from sf.distill.rollout import RolloutConfig
-from sf.distributed import DeepSpeedConfig, OptimizerConfig
+from sf.distributed import DeepSpeedConfig
 from sf.logging import LoggerConfig
 from sf.models.vae import CodecConfig
 
-TASKS = ("distill", "teacher", "ode", "vae")
-TEACHERLESS_TASKS = ("teacher", "vae")
-RANDOM_INIT = "random"  # teacher.checkpoint value for smoke tests: a seeded random teacher
+CONFIG_VERSION = 2
+RANDOM_INIT = "random"  # a checkpoint value for smoke tests: seeded random weights
+CONF_ENV = "SF_CONF_DIR"  # a folder of the user's own config groups, searched after sf's own
 
 
 @dataclass
@@ -37,7 +44,7 @@ class NetConfig:
 
 @dataclass
 class TeacherConfig(NetConfig):
-    """The frozen bidirectional teacher (the real score). Its weights are required (except to train a teacher)."""
+    """The frozen bidirectional teacher (the real score). Required by the tasks that sample or score with it."""
 
     checkpoint: Optional[str] = MISSING
 
@@ -60,80 +67,15 @@ class TextConfig:
 
 
 @dataclass
-class DistillConfig:
-    """The objective and its schedule (DESIGN.md section 5)."""
-
-    objective: str = "dmd"  # dmd | sid
-    cfg_scale: float = 3.0  # real = cond + cfg_scale * (cond - uncond)
-    timestep_shift: float = 5.0
-    min_timestep_ratio: float = 0.02
-    max_timestep_ratio: float = 0.98
-    timestep_from_exit: bool = False  # draw t only within the exit step's noise interval (reference's ts_schedule)
-    gen_update_every: int = 5
-    ema_decay: float = 0.99  # 0 disables the EMA
-    ema_start_step: int = 200
-    sid_alpha: float = 1.2
-    latent_height: int = 4
-    latent_width: int = 4
-
-
-@dataclass
-class FlowConfig:
-    """Teacher training (task=teacher): bidirectional flow matching on latents, caption dropout for CFG."""
-
-    caption_dropout: float = 0.1  # share of samples trained on the negative prompt (the unconditional branch)
-    timestep_shift: float = 3.0  # t = shift(u), u uniform: more steps at high noise, where layout is decided
-    ema_decay: float = 0.999  # 0 disables the EMA (exported as teacher_ema)
-    sample_steps: int = 32  # teacher sampler steps for the sample videos
-    sample_shift: float = 5.0
-
-
-@dataclass
-class OdeConfig:
-    """ODE init (task=ode): teacher trajectories at the student's sigmas, then causal regression (DESIGN 5)."""
-
-    num_pairs: int = 256  # prompts (the first of data.shards) sampled by the teacher into run_dir/data/ode
-    num_steps: int = 48
-    shift: float = 8.0
-    cfg_scale: float = 3.0
-    batch_size: int = 16  # prompts per teacher sampling batch
-    shards: Optional[str] = None  # existing ode.safetensors shards: skip the sampling
-    ema_decay: float = 0.99  # 0 disables the EMA (exported as generator_ema)
-
-
-@dataclass
-class VaeConfig:
-    """VAE training (task=vae): the codec of `codec` learns the pixels of `data.shards` (DESIGN 9)."""
-
-    kl_weight: float = 1.0e-6
-    sample_posterior: bool = True  # False: decode the posterior mean (trains much faster from scratch)
-    foreground_weight: float = 0.0  # > 0: pixels away from the clip's background weigh 1 + this in the L1
-    l2_weight: float = 0.0  # > 0: add this x the (equally weighted) squared error to the L1
-    crop_frames: int = 41  # random 1 + 4k frame window of each clip (too short ones do not carry over to 81)
-    crop_size: int = 32  # random square crop, a multiple of the spatial compression
-    # stages [steps, window frames, windows per clip] run first, in order; then crop_frames x 1 window per clip
-    curriculum: list = field(default_factory=list)
-    stats_videos: int = 32  # full clips encoded to fit the per-channel latent mean/std written with every export
-
-
-@dataclass
-class OptimConfig:
-    """One AdamW per role; LR warm-up, flat, linear cool-down; gradient clipping by global norm."""
-
-    generator: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=2e-6))
-    critic: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=4e-7))
-    warmup_steps: int = 0
-    cooldown_steps: int = 0  # linear LR decay to ~0 over the last N of trainer.max_steps (0: flat to the end)
-    grad_clip: float = 10.0
-
-
-@dataclass
 class TrainerConfig:
-    """Loop length, accumulation, precision, checkpoints."""
+    """The loop every task shares: length, accumulation, precision, LR schedule, clipping, checkpoints."""
 
     max_steps: int = 1000
     grad_accum_steps: int = 1
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+    warmup_steps: int = 0  # linear LR warm-up from 0 (iterations)
+    cooldown_steps: int = 0  # linear LR decay to ~0 over the last N of max_steps (0: flat to the end)
+    grad_clip: float = 10.0  # global gradient norm, per trained role
     checkpoint_every: int = 100
     keep_last: int = 2
     export_on_checkpoint: bool = True
@@ -144,24 +86,22 @@ class TrainerConfig:
 class TrainConfig:
     """Everything a training run needs; the resolved copy is saved beside every checkpoint."""
 
+    config_version: int = CONFIG_VERSION
     seed: int = 0
     name: str = "sf"
-    task: str = "distill"  # distill (self-forcing DMD/SiD) | teacher | ode | vae
+    task: Any = MISSING  # the task's own config: conf/task/<name>.yaml, schema in sf/tasks/<name>.py
     model: NetConfig = field(default_factory=NetConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
     text: TextConfig = field(default_factory=TextConfig)
-    data: PromptDataConfig = field(default_factory=PromptDataConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    flow: FlowConfig = field(default_factory=FlowConfig)
-    ode: OdeConfig = field(default_factory=OdeConfig)
-    vae: VaeConfig = field(default_factory=VaeConfig)
     codec: CodecConfig = field(default_factory=lambda: CodecConfig(kind="identity"))
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: PromptDataConfig = field(default_factory=lambda: PromptDataConfig(shards=MISSING))
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+# ---------------------------------------------------------------------------------------------------- Hydra
 
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -177,23 +117,161 @@ def asset_path(relative: str) -> str:
 
 
 def register_configs() -> None:
-    """Make `train_schema` available to conf/config.yaml's defaults list, and the `sf.asset` resolver."""
-    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    """Make `train_schema` and every task's schema known to Hydra, and the `sf.asset` resolver (idempotent)."""
+    from sf.tasks import TASKS
+
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
+    for name, (schema, _) in TASKS.items():
+        store.store(group="schema/task", name=name, node=schema)
     if not OmegaConf.has_resolver("sf.asset"):
         OmegaConf.register_new_resolver("sf.asset", asset_path)
 
 
+def search_path_overrides() -> list[str]:
+    """`hydra.searchpath` override adding the user's config folder ($SF_CONF_DIR) after sf's own, if set."""
+    user_dir = os.environ.get(CONF_ENV)
+    if not user_dir:
+        return []
+    if not Path(user_dir).is_dir():
+        raise ValueError(f"{CONF_ENV}={user_dir} is not a directory")
+    return [f"hydra.searchpath=[file://{Path(user_dir).resolve()}]"]
+
+
+def compose_config(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The config `sf-train <overrides>` would run, composed without running it (notebooks, tests, tools)."""
+    from hydra import compose, initialize_config_module
+
+    register_configs()
+    with initialize_config_module("sf.conf", version_base=None):
+        return compose(config_name="config", overrides=[*search_path_overrides(), *overrides])
+
+
+def task_choices() -> list[str]:
+    """The options of the `task` group: sf's conf/task/ files and those of $SF_CONF_DIR/task/."""
+    import importlib.resources
+
+    folders = [Path(str(importlib.resources.files("sf.conf"))) / "task"]
+    if os.environ.get(CONF_ENV):
+        folders.append(Path(os.environ[CONF_ENV]) / "task")
+    return sorted({p.stem for folder in folders if folder.is_dir() for p in folder.glob("*.yaml")})
+
+
+# ---------------------------------------------------------------------------------------------------- typed
+
+
 def to_train_config(cfg: DictConfig | Any) -> TrainConfig:
-    """The composed config as typed objects (raises on a missing mandatory value, naming it)."""
+    """The composed config as typed objects; ValueError naming the key for a missing value or an unknown key."""
     if isinstance(cfg, TrainConfig):
         return cfg
-    if cfg.get("task") in TEACHERLESS_TASKS and OmegaConf.is_missing(cfg.teacher, "checkpoint"):
+    if OmegaConf.is_missing(cfg, "task"):
+        raise ValueError("missing mandatory value: task (choose one with task=<name>)")
+    schema = OmegaConf.get_type(cfg.task)
+    check_task_name(cfg.task.name, schema)
+    if not getattr(schema, "needs_teacher", True) and OmegaConf.is_missing(cfg.teacher, "checkpoint"):
         cfg = cfg.copy()
-        cfg.teacher.checkpoint = None  # these tasks train from data alone
+        cfg.teacher.checkpoint = None  # this task trains from data alone
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ValueError(f"missing mandatory value: {', '.join(missing)} (set it as an override, e.g. {missing[0]}=...)")
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise ValueError(f"unknown config key {unknown[0]} (not in the schema; check the spelling)"
+                         + (f", and {len(unknown) - 1} more: {', '.join(unknown[1:4])}" if len(unknown) > 1 else ""))
     return OmegaConf.to_object(cfg)
 
 
-register_configs()
+def unknown_keys(node: DictConfig, prefix: str = "") -> list[str]:
+    """Keys of a composed config that its dataclass schemas do not have (e.g. added with `+key=value`)."""
+    found = []
+    schema = OmegaConf.get_type(node)
+    known = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    for key in node.keys():
+        path = f"{prefix}{key}"
+        if known is not None and key not in known:
+            found.append(path)
+            continue
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            if dataclasses.is_dataclass(OmegaConf.get_type(child)):
+                found.extend(unknown_keys(child, f"{path}."))
+    return found
+
+
+def read_run_config(path: str | Path) -> TrainConfig:
+    """The typed config of a run, from a checkpoint's (or a run dir's) resolved `config.yaml`, of any version."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.yaml" if (path / "config.yaml").exists() else path / ".hydra" / "config.yaml"
+    try:
+        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    except (OSError, ValueError) as exn:
+        raise ValueError(f"{path}: not a readable run config ({exn})") from None
+    register_configs()
+    migrated = migrate(raw)
+    from sf.tasks import TASKS
+
+    task_name = migrated.pop("task_name")
+    schema = OmegaConf.structured(TrainConfig)
+    schema.task = OmegaConf.structured(TASKS[task_name][0])
+    merged = OmegaConf.merge(schema, migrated)
+    if OmegaConf.is_missing(merged.teacher, "checkpoint"):
+        merged.teacher.checkpoint = None
+    return OmegaConf.to_object(merged)
+
+
+def check_task_name(name: str, schema: type) -> None:
+    """`task.name` must be the registry name of the task's schema (it says which job runs)."""
+    from sf.tasks import TASKS
+
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; the known tasks are {', '.join(sorted(TASKS))}")
+    if TASKS[name][0] is not schema:
+        raise ValueError(f"task.name is {name!r} but the task config is a {schema.__name__}: set the task with "
+                         f"task=<name>, not task.name")
+
+
+def migrate(raw: dict) -> dict:
+    """A saved config (a plain dict) in this version's layout, plus its `task_name`.
+
+    Version 1 (no `config_version`) had one section per task (`distill`, `flow`, `ode`, `vae`), a shared
+    `rollout` and `optim`, and `task` as a string. Since version 2 the task's section is `task` itself, with its
+    own rollout, EMA and optimizers (named after the roles it trains); the LR schedule and clipping are in
+    `trainer`.
+    """
+    raw = copy.deepcopy(_plain(raw))
+    version = raw.get("config_version", 1)
+    if version == CONFIG_VERSION:
+        return {**raw, "task_name": raw["task"]["name"]}
+    if version != 1:
+        raise ValueError(f"config_version {version} is newer than this sf ({CONFIG_VERSION}): upgrade sf")
+    name = raw.pop("task", "distill")
+    sections = {key: raw.pop(key, {}) for key in ("distill", "flow", "ode", "vae", "rollout", "optim")}
+    distill, flow, ode, vae, rollout, optim = (sections[k] for k in ("distill", "flow", "ode", "vae", "rollout", "optim"))
+    raw["trainer"] = {**raw.get("trainer", {}), **{k: optim[k] for k in ("warmup_steps", "cooldown_steps", "grad_clip")
+                                                   if k in optim}}
+    first_role = optim.get("generator", {})
+    if name == "distill":
+        task = {k: v for k, v in distill.items() if k not in ("ema_decay", "ema_start_step")}
+        task.update(name=name, rollout=rollout, ema={"decay": distill.get("ema_decay", 0.99),
+                                          "start_step": distill.get("ema_start_step", 200)},
+                    optim={"generator": first_role, "critic": optim.get("critic", {})})
+    elif name == "teacher":
+        task = {k: v for k, v in flow.items() if k != "ema_decay"}
+        task.update(name=name, sample_cfg_scale=distill.get("cfg_scale", 3.0), ema={"decay": flow.get("ema_decay", 0.999)},
+                    optim={"teacher": first_role})
+    elif name == "ode":
+        task = {k: v for k, v in ode.items() if k != "ema_decay"}
+        task.update(name=name, latent_height=distill.get("latent_height", 4), latent_width=distill.get("latent_width", 4),
+                    rollout=rollout, ema={"decay": ode.get("ema_decay", 0.99)}, optim={"generator": first_role})
+    elif name == "vae":
+        task = {"name": name, **vae, "optim": {"vae": first_role}}
+    else:
+        raise ValueError(f"unknown task {name!r} in a version-1 config")
+    return {"config_version": CONFIG_VERSION, **raw, "task": task, "task_name": name}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=False)
+    return value

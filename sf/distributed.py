@@ -1,9 +1,27 @@
-"""Everything that touches DeepSpeed or torch.distributed: process group, engines, broadcasts, gathers, EMA.
+"""The engine seam: the only module that imports deepspeed or calls torch.distributed.
 
-The only module that imports deepspeed. One engine per trainable role (generator, critic), each with its own
-torch AdamW and its own config dict; the frozen teacher is a plain module, or an optimizer-less ZeRO-3 engine
-when sharded. Inside a loss that goes through another role's network, call `engine.module` with its
-parameters frozen: the engine's own forward there crashes under ZeRO-2 and corrupts state under ZeRO-3.
+What the rest of sf sees:
+
+    init_distributed() -> Dist          this process's place in the job (torchrun, deepspeed, srun or none)
+    build_trainable(module, spec, ds)   a role a task trains (generator, critic, teacher, vae): a `Trainable`
+    build_frozen(module, ...)           a role a task only calls (the teacher as real score)
+    EMA                                 moving average of a trainable role's weights, sharded like it
+    barrier, any_rank, mean_across_ranks, broadcast_from_main, broadcast_object, all_gather_object
+    gathered(params), full_state_dict(module), consolidated_state_dict(checkpoint, tag)
+
+`build_trainable` applies, in this order, to the unchanged single-device module (`sf.models`):
+
+    1. activation checkpointing   the module's own flag: blocks recompute their activations in backward
+    2. (sequence parallelism)     the slot where attention is wrapped in an all-to-all over an SP group
+    3. (LoRA)                     the slot where adapters are added and the base frozen
+    4. the optimizer              torch AdamW over the parameters that then require grad (no JIT-compiled op)
+    5. dtype and ZeRO             `deepspeed.initialize`: bf16 compute with fp32 master weights when enabled,
+                                  gradients / optimizer states / parameters sharded by the ZeRO stage
+
+so that whatever changes which parameters train (LoRA) comes before the optimizer, and sharding comes last.
+Each role gets its own engine, optimizer and DeepSpeed config dict (a shared scheduler config would step both).
+Inside a loss that goes through another role's network, call that role under `Trainable.frozen()`: its module
+with its parameters frozen (the engine's own forward there crashes under ZeRO-2 and corrupts state under ZeRO-3).
 """
 
 from __future__ import annotations
@@ -11,12 +29,15 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 _DEEPSPEED = None
+_DEVICE = torch.device("cpu")  # where collectives put their tensors (set by init_distributed)
 
 
 def _deepspeed():
@@ -37,6 +58,9 @@ def _deepspeed():
     return _DEEPSPEED
 
 
+# ---------------------------------------------------------------------------------------------------- config
+
+
 @dataclass
 class DeepSpeedConfig:
     """ZeRO stage and the knobs that matter for two engines plus a frozen teacher."""
@@ -49,122 +73,6 @@ class DeepSpeedConfig:
     offload_optimizer: bool = False
     shard_teacher: bool = True  # under ZeRO-3: the teacher becomes an optimizer-less sharded engine
     extra: dict = field(default_factory=dict)  # merged last into every engine's config dict
-
-
-@dataclass(frozen=True)
-class Dist:
-    """This process's place in the job."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(timeout_minutes: int = 30) -> Dist:
-    """Join the job's process group from the launcher's environment (torchrun, deepspeed, srun, or none)."""
-    _from_slurm_if_needed()
-    if "RANK" not in os.environ and "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())  # a lone process: never collide with another job's port
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    if not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        _deepspeed().init_distributed(
-            dist_backend=backend, auto_mpi_discovery=False, timeout=datetime.timedelta(minutes=timeout_minutes)
-        )
-    return Dist(rank=rank, world_size=world, local_rank=local, device=device)
-
-
-def _free_port() -> int:
-    """A TCP port nothing listens on now (the OS picks it)."""
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _from_slurm_if_needed() -> None:
-    """Under `srun` (or submitit) without torchrun, translate SLURM_* into the torch.distributed variables.
-
-    Rendezvous on the allocation's first node, at a port derived from the job id, unless MASTER_ADDR/PORT are set.
-    """
-    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
-        return
-    os.environ["RANK"] = os.environ["SLURM_PROCID"]
-    os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
-    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
-    if "MASTER_ADDR" not in os.environ and "SLURM_JOB_NODELIST" in os.environ:
-        import subprocess
-
-        hosts = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
-                               capture_output=True, text=True, check=True).stdout.split()
-        os.environ["MASTER_ADDR"] = hosts[0]
-    if "MASTER_PORT" not in os.environ and "SLURM_JOB_ID" in os.environ:
-        os.environ["MASTER_PORT"] = str(20000 + int(os.environ["SLURM_JOB_ID"]) % 20000)
-
-
-def shutdown() -> None:
-    """Destroy the process group (without it, gloo runs sometimes abort at exit)."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def broadcast_from_main(tensor: torch.Tensor) -> torch.Tensor:
-    """Rank 0's value of `tensor` on every rank (used for the exit steps: all ranks must run the same forwards)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return tensor
-    out = tensor.clone().contiguous()
-    dist.broadcast(out, src=0)
-    return out
-
-
-def broadcast_object(obj):
-    """Rank 0's picklable object on every rank."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def all_gather_object(obj) -> list:
-    """Every rank's object, in rank order."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def mean_across_ranks(values: dict[str, float], device) -> dict[str, float]:
-    """Average scalar metrics over ranks (one all-reduce for the whole dict)."""
-    if not values or not dist.is_initialized() or dist.get_world_size() == 1:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    t /= dist.get_world_size()
-    return dict(zip(keys, t.tolist()))
 
 
 @dataclass
@@ -207,40 +115,275 @@ def _deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def build_engine(model: torch.nn.Module, optim: OptimizerConfig, config: dict):
-    """A DeepSpeed engine training `model` with torch AdamW (no DeepSpeed JIT-compiled optimizer needed)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+# ---------------------------------------------------------------------------------------------------- process group
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(timeout_minutes: int = 30) -> Dist:
+    """Join the job's process group from the launcher's environment (torchrun, deepspeed, srun, or none)."""
+    global _DEVICE
+    _from_slurm_if_needed()
+    if "RANK" not in os.environ and "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(free_port())  # a lone process: never collide with another job's port
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        _deepspeed().init_distributed(
+            dist_backend=backend, auto_mpi_discovery=False, timeout=datetime.timedelta(minutes=timeout_minutes)
+        )
+    _DEVICE = device
+    return Dist(rank=rank, world_size=world, local_rank=local, device=device)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _from_slurm_if_needed() -> None:
+    """Under `srun` (or submitit) without torchrun, translate SLURM_* into the torch.distributed variables.
+
+    Rendezvous on the allocation's first node, at a port derived from the job id, unless MASTER_ADDR/PORT are set.
+    """
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ.get("SLURM_NTASKS", "1")
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in os.environ and "SLURM_JOB_NODELIST" in os.environ:
+        import subprocess
+
+        hosts = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
+                               capture_output=True, text=True, check=True).stdout.split()
+        os.environ["MASTER_ADDR"] = hosts[0]
+    if "MASTER_PORT" not in os.environ and "SLURM_JOB_ID" in os.environ:
+        os.environ["MASTER_PORT"] = str(20000 + int(os.environ["SLURM_JOB_ID"]) % 20000)
+
+
+def shutdown() -> None:
+    """Destroy the process group (without it, gloo runs sometimes abort at exit)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------------- collectives
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on at least one (a non-finite loss, a preemption signal)."""
+    if _world() == 1:
+        return bool(flag)
+    value = torch.tensor([float(bool(flag))], device=_DEVICE)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def broadcast_from_main(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's value of `tensor` on every rank (used for the exit steps: all ranks must run the same forwards)."""
+    if _world() == 1:
+        return tensor
+    out = tensor.clone().contiguous()
+    dist.broadcast(out, src=0)
+    return out
+
+
+def broadcast_object(obj):
+    """Rank 0's picklable object on every rank."""
+    if _world() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's object, in rank order."""
+    if _world() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
+    """Average scalar metrics over ranks (one all-reduce for the whole dict)."""
+    if not values or _world() == 1:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_DEVICE)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+# ---------------------------------------------------------------------------------------------------- roles
+
+
+@dataclass(frozen=True)
+class RoleSpec:
+    """How to build one trained role: its name (the checkpoint tag and metric suffix), optimizer, memory options."""
+
+    name: str
+    optim: OptimizerConfig
+    gradient_checkpointing: bool = False
+
+
+class Trainable:
+    """A role a task trains: its module, one optimizer step per `step` call, LR, checkpoint state, full weights.
+
+    Calling it runs the engine's forward (the role's own loss); inside another role's loss use `frozen()`.
+    """
+
+    def __init__(self, name: str, engine):
+        self.name = name
+        self._engine = engine
+        self.grad_norm: float | None = None  # of the last completed update (before clipping)
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The unwrapped network (its parameters are shards under ZeRO-3)."""
+        return self._engine.module
+
+    def __call__(self, *args, **kwargs):
+        return self._engine(*args, **kwargs)
+
+    def step(self, loss: torch.Tensor) -> float | None:
+        """Backward of one micro-batch's loss; on the last micro-batch of an update, the optimizer step.
+
+        Returns the update's gradient norm (before clipping) when the optimizer stepped, else None.
+        """
+        boundary = self._engine.is_gradient_accumulation_boundary()
+        self._engine.backward(loss)
+        self._engine.step()
+        if not boundary:
+            return None
+        self.grad_norm = float(self._engine.get_global_grad_norm() or 0.0)
+        return self.grad_norm
+
+    def set_lr(self, lr: float) -> None:
+        for group in self._engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    @contextlib.contextmanager
+    def frozen(self):
+        """The module with its trainable parameters frozen, for use inside another role's loss."""
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield self.module
+        finally:
+            for p in params:
+                p.requires_grad_(True)
+
+    def save(self, checkpoint: Path) -> None:
+        """Weights and optimizer state (this rank's shards) into `checkpoint/<name>/` (collective)."""
+        self._engine.save_checkpoint(str(checkpoint), tag=self.name, save_latest=False)
+
+    def load(self, checkpoint: Path) -> None:
+        """Restore what `save` wrote (collective); ValueError naming the checkpoint when it cannot be read."""
+        path, _ = self._engine.load_checkpoint(str(checkpoint), tag=self.name, load_optimizer_states=True,
+                                               load_lr_scheduler_states=True)
+        if path is None:
+            raise ValueError(f"{checkpoint}: DeepSpeed state of {self.name!r} could not be loaded")
+
+    def full_state_dict(self, rank: int) -> dict[str, torch.Tensor] | None:
+        """The whole fp32 weights on rank 0 (None elsewhere); collective under ZeRO-3."""
+        return full_state_dict(self.module, rank)
+
+    def held_bytes(self) -> dict:
+        """Bytes of parameters and optimizer state this rank holds, each byte counted once.
+
+        parameters     ZeRO-3: each parameter's own partition `p.ds_tensor`; otherwise the full `p.data`
+        fp32 master    the DeepSpeed wrapper's fp32 copy of (this rank's partition of) the parameters, found under
+                       the attribute names of MASTER_ATTRIBUTES; plain fp32 ZeRO-0 (torch AdamW unwrapped) has none
+        optimizer      every tensor in the torch AdamW's state (exp_avg, exp_avg_sq, step) on this rank
+        Tensors that share memory (under fp32 ZeRO-3 the master partition IS the parameter partition) are counted
+        once, in the first category: the categories are "new bytes" in that order. Not counted: gradients and
+        DeepSpeed's communication buckets (transient), activations, buffers of the module.
+        """
+        engine = self._engine
+        params = list(engine.module.parameters())
+        zero3 = any(hasattr(p, "ds_tensor") for p in params)
+        wrapper = engine.optimizer
+        basic = getattr(engine, "basic_optimizer", None) or getattr(wrapper, "optimizer", None) or wrapper
+        masters = []
+        for name in MASTER_ATTRIBUTES:
+            masters += _tensors_in(getattr(wrapper, name, None))
+        states = [v for state in basic.state.values() for v in state.values() if torch.is_tensor(v)]
+        categories = {
+            "parameters": [p.ds_tensor if zero3 else p.data for p in params],
+            "fp32_master": masters,
+            "optimizer_state": states,
+        }
+        seen: list[tuple[int, int]] = []
+        out = {"zero3_partitioned": zero3, "optimizer_wrapper": type(wrapper).__name__,
+               "num_parameters": sum(getattr(p, "ds_numel", p.numel()) for p in params)}
+        for name, tensors in categories.items():
+            ranges = byte_ranges(tensors)
+            before = union_bytes(seen)
+            seen += ranges
+            out[f"{name}_bytes"] = union_bytes(seen) - before
+            out[f"{name}_raw_bytes"] = sum(b - a for a, b in ranges)  # before removing shared memory
+        out["total_bytes"] = union_bytes(seen)
+        return out
+
+
+def build_trainable(module: torch.nn.Module, spec: RoleSpec, config: dict) -> Trainable:
+    """A trained role, built in the order of the module docstring (a DeepSpeed engine under the hood)."""
+    if hasattr(module, "gradient_checkpointing"):
+        module.gradient_checkpointing = spec.gradient_checkpointing
+    params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        params, lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay, eps=optim.eps
+        params, lr=spec.optim.lr, betas=tuple(spec.optim.betas), weight_decay=spec.optim.weight_decay, eps=spec.optim.eps
     )
-    engine, _, _, _ = _deepspeed().initialize(model=model, optimizer=optimizer, config=config)
-    return engine
+    engine, _, _, _ = _deepspeed().initialize(model=module, optimizer=optimizer, config=config)
+    return Trainable(spec.name, engine)
 
 
 def build_frozen(model: torch.nn.Module, ds: DeepSpeedConfig, config: dict, device, dtype) -> torch.nn.Module:
-    """The frozen teacher: a plain module (ZeRO 0-2), or sharded by an optimizer-less ZeRO-3 engine.
-
-    Returns the module to call; under ZeRO-3 its forward gathers the shards (hooks installed by the engine).
-    """
+    """A role only called under no_grad (the teacher): a plain module (ZeRO 0-2), or sharded by an optimizer-less
+    ZeRO-3 engine, whose hooks gather the shards in each forward. Returns the module to call."""
     model.requires_grad_(False).eval()
     if ds.stage == 3 and ds.shard_teacher:
         engine, _, _, _ = _deepspeed().initialize(model=model, config=config)
         engine.eval()
         return engine.module
     return model.to(device=device, dtype=dtype)
-
-
-@contextlib.contextmanager
-def frozen(module: torch.nn.Module):
-    """Temporarily set requires_grad=False on a module's trainable parameters (a critic inside G's loss)."""
-    params = [p for p in module.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield module
-    finally:
-        for p in params:
-            p.requires_grad_(True)
 
 
 def is_zero3_param(p: torch.Tensor) -> bool:
@@ -268,16 +411,27 @@ def full_state_dict(module: torch.nn.Module, rank: int) -> dict[str, torch.Tenso
     return out
 
 
+def consolidated_state_dict(checkpoint: Path, tag: str) -> dict[str, torch.Tensor]:
+    """A role's full fp32 weights rebuilt from its ZeRO shards in a checkpoint folder, without a process group."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    _deepspeed()
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=tag)
+
+
 class EMA:
-    """Exponential moving average of a (possibly ZeRO-3-sharded) model's parameters.
+    """Exponential moving average of a trained role's parameters, started as a copy at its first update at or
+    after `start_step`.
 
     Under ZeRO-3 every rank keeps the average of its own shard (`param.ds_tensor`), so memory is sharded like
     the model and no gather is needed per update; `full_state_dict` assembles it. Otherwise every rank keeps a
     full fp32 copy (they are identical: ZeRO-1/2 keep parameters replicated).
     """
 
-    def __init__(self, module: torch.nn.Module, decay: float):
-        self.decay = decay
+    def __init__(self, role: Trainable, decay: float, start_step: int = 0):
+        self.role, self.decay, self.start_step = role.name, decay, start_step
+        self.started_at: int | None = None  # the step of the copy; None until then
+        module = role.module
         self.names = [n for n, p in module.named_parameters()]
         self.params = [p for _, p in module.named_parameters()]
         self.zero3 = any(is_zero3_param(p) for p in self.params)
@@ -287,9 +441,13 @@ class EMA:
         return p.ds_tensor if is_zero3_param(p) else p.data
 
     @torch.no_grad()
-    def update(self, decay: float | None = None) -> None:
-        """shadow <- d * shadow + (1 - d) * param; d = 0 copies the parameters (EMA start)."""
-        d = self.decay if decay is None else decay
+    def update(self, step: int) -> None:
+        """After an update of the role at `step`: copy the weights (the start), or shadow <- d * shadow + (1 - d) * w."""
+        if step < self.start_step:
+            return
+        d = self.decay if self.started_at is not None else 0.0
+        if self.started_at is None:
+            self.started_at = step
         for s, p in zip(self.shadow, self.params):
             s.mul_(d).add_(self._local(p).float(), alpha=1 - d)
 
@@ -297,12 +455,13 @@ class EMA:
         """This rank's part of the EMA (a shard under ZeRO-3), keyed by parameter name."""
         return {n: s for n, s in zip(self.names, self.shadow)}
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+    def load_state_dict(self, state: dict[str, torch.Tensor], started_at: int | None) -> None:
         missing = [n for n in self.names if n not in state]
         if missing:
             raise ValueError(f"EMA state lacks {len(missing)} parameters, e.g. {missing[0]}")
         for i, n in enumerate(self.names):
             self.shadow[i].copy_(state[n])
+        self.started_at = started_at
 
     def full_state_dict(self, rank: int) -> dict[str, torch.Tensor] | None:
         """The whole EMA model on rank 0 (None elsewhere); all ranks must call it under ZeRO-3."""
@@ -316,3 +475,53 @@ class EMA:
             if out is not None:
                 out[name] = torch.cat(parts)[: p.ds_numel].view(p.ds_shape).cpu()
         return out
+
+
+# ---------------------------------------------------------------------------------------------------- memory accounting
+
+
+def byte_ranges(tensors) -> list[tuple[int, int]]:
+    """Byte ranges [start, end) the tensors occupy (whole storage for non-contiguous ones)."""
+    out = []
+    for t in tensors:
+        if t is None or not torch.is_tensor(t) or t.numel() == 0:
+            continue
+        if t.is_contiguous():
+            start = t.data_ptr()
+            out.append((start, start + t.numel() * t.element_size()))
+        else:
+            storage = t.untyped_storage()
+            out.append((storage.data_ptr(), storage.data_ptr() + storage.nbytes()))
+    return out
+
+
+def union_bytes(intervals: list[tuple[int, int]]) -> int:
+    """Bytes covered by byte ranges, overlaps counted once."""
+    total, end = 0, None
+    for a, b in sorted(intervals):
+        if end is None or a >= end:
+            total += b - a
+            end = b
+        elif b > end:
+            total += b - end
+            end = b
+    return total
+
+
+# Where DeepSpeed 0.19 keeps the fp32 master weights, by optimizer wrapper.
+MASTER_ATTRIBUTES = (
+    "fp32_partitioned_groups_flat",  # ZeRO-3 (DeepSpeedZeroOptimizer_Stage3): this rank's partition
+    "single_partition_of_fp32_groups",  # ZeRO-1/2 (DeepSpeedZeroOptimizer): this rank's partition
+    "fp32_groups_flat_partition",  # BF16_Optimizer: this rank's partition
+    "fp32_groups_flat",  # FP16_Optimizer (fused): full copy
+    "fp32_groups",  # FP16_UnfusedOptimizer (bf16 at ZeRO-0): full copy, a list of lists of tensors
+)
+
+
+def _tensors_in(value) -> list[torch.Tensor]:
+    """Tensors in a tensor or (nested) list/tuple of tensors."""
+    if torch.is_tensor(value):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for item in value for t in _tensors_in(item)]
+    return []

@@ -184,24 +184,43 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
-def plot_metrics(path: Path, out_png: Path, keys: list[str] | None = None) -> Path:
-    """PNG of the chosen metrics (default: every loss/*) against step."""
+def plot_metrics(path: Path, out_png: Path, keys: list[str] | None = None) -> Path | None:
+    """PNG of metrics of a metrics.jsonl against step (default: every loss/*), raw and smoothed, one panel each,
+    log-scaled where all values are positive; None when there is nothing to plot."""
     from matplotlib.figure import Figure  # no pyplot: leaves the process's plotting backend alone
 
     rows = read_metrics(path)
     keys = keys or sorted({k for row in rows for k in row if k.startswith("loss/")})
-    fig = Figure(figsize=(6, 2.2 * max(1, len(keys))), dpi=110)
-    axes = fig.subplots(len(keys), 1, squeeze=False)
-    for ax, key in zip(axes[:, 0], keys):
-        points = [(row["step"], row[key]) for row in rows if key in row and math.isfinite(row[key])]
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker=".", lw=1)
+    if not keys:
+        return None
+    fig = Figure(figsize=(6.4, 2.6 * len(keys)), dpi=110)
+    for ax, key in zip(fig.subplots(len(keys), 1, squeeze=False)[:, 0], keys):
+        points = [(row["step"], row[key]) for row in rows if isinstance(row.get(key), (int, float))
+                  and math.isfinite(row[key])]
+        steps, values = [p[0] for p in points], [float(p[1]) for p in points]
+        ax.plot(steps, values, lw=0.8, alpha=0.35, color="C0")
+        ax.plot(steps, smooth(values), lw=1.5, color="C0", label=f"{key} (smoothed)")
+        if values and min(values) > 0:
+            ax.set_yscale("log")
         ax.set_ylabel(key, fontsize=8)
+        ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    axes[-1, 0].set_xlabel("step")
+    fig.axes[-1].set_xlabel("step")
     fig.tight_layout()
     Path(out_png).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png)
     return Path(out_png)
+
+
+def smooth(values):
+    """Trailing moving average over ~5% of the points (partial windows at the start)."""
+    import numpy as np
+
+    values = np.asarray(values, dtype=float)
+    window = max(1, len(values) // 20)
+    sums = np.concatenate([[0.0], np.cumsum(values)])
+    starts = np.maximum(np.arange(1, len(values) + 1) - window, 0)
+    return (sums[1:] - sums[starts]) / (np.arange(1, len(values) + 1) - starts)
 
 
 def _scalar(value) -> float:

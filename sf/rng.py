@@ -11,8 +11,6 @@ import hashlib
 
 import torch
 
-from sf.diffusion.flow import NUM_TRAIN_TIMESTEPS, shift_sigma
-
 
 def seed_for(*parts) -> int:
     """A 63-bit seed from any tuple of ints/strings (stable across processes and Python versions)."""
@@ -21,7 +19,7 @@ def seed_for(*parts) -> int:
 
 
 class SampleNoise:
-    """One generator per sample of a batch; draws are stacked along the batch dimension."""
+    """One torch.Generator per sample of a batch; draws are stacked along the batch dimension."""
 
     def __init__(self, seeds: list[int], device="cpu"):
         self.device = torch.device(device)
@@ -41,16 +39,9 @@ class SampleNoise:
             raise ValueError(f"batch of {x.shape[0]} samples but {len(self.generators)} noise generators")
         return self.randn(x.shape[1:], x.dtype).to(x.device)
 
-    def dmd_timestep(self, shift: float, min_ratio: float, max_ratio: float,
-                     low: float = 0.0, high: float = 1.0) -> torch.Tensor:
-        """One DMD/critic timestep per sample (B,): uniform in [low, high] (unshifted σ), shifted, clamped.
-
-        [low, high] = [0, 1] is the usual draw; the exit step's own noise interval restricts it (`ts_schedule`).
-        """
-        if not 0.0 <= low <= high <= 1.0:
-            raise ValueError(f"need 0 <= low <= high <= 1, got {low} and {high}")
-        u = torch.cat([torch.rand(1, generator=g, device=self.device) for g in self.generators])  # (B,)
-        return shift_sigma(low + (high - low) * u, shift).clamp(min_ratio, max_ratio) * NUM_TRAIN_TIMESTEPS
+    def rand(self) -> torch.Tensor:
+        """One uniform draw in [0, 1) per sample (B,) (e.g. for `sf.diffusion.flow.dmd_timestep`)."""
+        return torch.cat([torch.rand(1, generator=g, device=self.device) for g in self.generators])
 
     def randint(self, high: int) -> torch.Tensor:
         """One integer in [0, high) per sample (B,)."""
@@ -60,16 +51,16 @@ class SampleNoise:
 Randomness = torch.Generator | SampleNoise | None
 
 
-def randn_like(x: torch.Tensor, generator: torch.Generator | SampleNoise | None) -> torch.Tensor:
+def randn_like(x: torch.Tensor, rng: torch.Generator | SampleNoise | None) -> torch.Tensor:
     """Standard normal noise shaped like x from a torch.Generator, per-sample streams, or the global RNG."""
-    if isinstance(generator, SampleNoise):
-        return generator.randn_like(x)
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    if isinstance(rng, SampleNoise):
+        return rng.randn_like(x)
+    return torch.randn(x.shape, generator=rng, device=x.device, dtype=x.dtype)
 
 
-def randint_per_sample(high: int, batch: int, generator: torch.Generator | SampleNoise | None, device) -> torch.Tensor:
+def randint_per_sample(high: int, batch: int, rng: torch.Generator | SampleNoise | None, device) -> torch.Tensor:
     """(batch,) integers in [0, high)."""
-    if isinstance(generator, SampleNoise):
-        return generator.randint(high).to(device)
-    gen_device = generator.device if generator is not None else device
-    return torch.randint(0, high, (batch,), generator=generator, device=gen_device).to(device)
+    if isinstance(rng, SampleNoise):
+        return rng.randint(high).to(device)
+    gen_device = rng.device if rng is not None else device
+    return torch.randint(0, high, (batch,), generator=rng, device=gen_device).to(device)

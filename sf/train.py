@@ -3,9 +3,9 @@
     python -m sf.train experiment=smoke                          # one process
     torchrun --nproc_per_node=2 -m sf.train experiment=smoke deepspeed=zero3 hydra.run.dir=runs/a
 
-`train(cfg)` reads top to bottom in the order things happen: the task's networks, engines and data (`sf.tasks`:
-distill, teacher, ode, vae), resume, then the loop (the task's step, log, sample videos, checkpoint, preemption).
-The distillation step itself is `sf.tasks.distill.DistillJob`: generator_step every `gen_update_every`
+`train(cfg)` reads top to bottom in the order things happen: the task's roles and data (`sf.tasks`: distill,
+teacher, ode, vae), resume, then the loop (the task's step, log, sample videos, checkpoint, preemption).
+The distillation step itself is `sf.tasks.distill.DistillJob`: generator_step every `task.gen_update_every`
 iterations, critic_step every iteration, EMA.
 Rerunning the same command in the same run dir resumes from its last complete checkpoint.
 """
@@ -23,23 +23,20 @@ from pathlib import Path
 
 import torch
 
-import sf  # noqa: F401  (torchvision compatibility before open_clip / diffusers)
 from sf import checkpoint as ckpt
 from sf import distributed
 from sf.config import TrainConfig, to_train_config
 from sf.logging import make_logger
-from sf.tasks import JobContext, make_job
+from sf.tasks import Runtime, make_job
 
 
-def set_lr(engine, base_lr: float, step: int, warmup_steps: int, cooldown_steps: int = 0, max_steps: int = 0) -> float:
+def scheduled_lr(base_lr: float, step: int, warmup_steps: int, cooldown_steps: int = 0, max_steps: int = 0) -> float:
     """Warm-up, stable, decay: linear from 0 to base_lr over `warmup_steps` iterations, flat, then linear towards 0
     over the last `cooldown_steps` of `max_steps` (the last step at base_lr / cooldown_steps). A function of the
     step alone, so it resumes exactly, and a run extended before its cool-down matches one planned that long."""
     lr = base_lr * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else base_lr
     if cooldown_steps > 0:
         lr *= min(1.0, (max_steps - step) / cooldown_steps)
-    for group in engine.optimizer.param_groups:
-        group["lr"] = lr
     return lr
 
 
@@ -64,12 +61,9 @@ class Preemption:
     def _handle(self, signum, frame):
         self.requested = True
 
-    def agreed(self, device) -> bool:
+    def agreed(self) -> bool:
         """True on every rank when any rank was signalled (all must checkpoint together)."""
-        flag = torch.tensor([float(self.requested)], device=device)
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        return distributed.any_rank(self.requested)
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, config_yaml: str = "") -> dict:
@@ -79,19 +73,19 @@ def train(cfg: TrainConfig, run_dir: str | Path, config_yaml: str = "") -> dict:
     dtype = _dtype(cfg.trainer.precision, d.device)
     preemption = Preemption()
 
-    # -- the task: networks as engines, data ------------------------------------------------------------------
+    # -- the task: its roles (through the engine seam) and its data -------------------------------------------
     ds_config = distributed.engine_config(
-        cfg.deepspeed, cfg.data.batch_size, cfg.trainer.grad_accum_steps, cfg.optim.grad_clip, dtype == torch.bfloat16
+        cfg.deepspeed, cfg.data.batch_size, cfg.trainer.grad_accum_steps, cfg.trainer.grad_clip, dtype == torch.bfloat16
     )
-    job = make_job(cfg, JobContext(d, run_dir, dtype, ds_config))
-    watched = {**job.frozen, **{name: engine.module for name, engine in job.engines.items()}}
+    job = make_job(cfg, Runtime(d, run_dir, dtype, ds_config))
+    watched = {**job.frozen, **{name: role.module for name, role in job.roles.items()}}
     start_fingerprints = {name: fingerprint(module) for name, module in watched.items()}
 
     # -- resume --------------------------------------------------------------------------------------------
     start_step = 0
     latest = distributed.broadcast_object(str(ckpt.latest_checkpoint(run_dir) or ""))
     if latest:
-        state = ckpt.load_checkpoint(Path(latest), engines=job.engines, ema=job.ema, rank=d.rank,
+        state = ckpt.load_checkpoint(Path(latest), roles=job.roles, ema=job.ema, rank=d.rank,
                                      world_size=d.world_size)
         start_step = state.pop("step")
         job.load_state_dict(state)
@@ -101,7 +95,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, config_yaml: str = "") -> dict:
 
     def save(step: int) -> None:
         ckpt.save_checkpoint(
-            run_dir, step, engines=job.engines, ema=job.ema, ema_name=job.ema_name, trainer_state=job.state_dict(),
+            run_dir, step, roles=job.roles, ema=job.ema, ema_name=job.ema_name, trainer_state=job.state_dict(),
             exporter=job.export, config_yaml=config_yaml, rank=d.rank, keep_last=cfg.trainer.keep_last,
             export=cfg.trainer.export_on_checkpoint,
         )
@@ -112,11 +106,13 @@ def train(cfg: TrainConfig, run_dir: str | Path, config_yaml: str = "") -> dict:
     samples_per_iteration = cfg.data.batch_size * cfg.trainer.grad_accum_steps * d.world_size
     for step in range(start_step, cfg.trainer.max_steps):
         start = time.perf_counter()
-        metrics = {f"lr/{name}": set_lr(engine, job.base_lr(name), step, cfg.optim.warmup_steps,
-                                          cfg.optim.cooldown_steps, cfg.trainer.max_steps)
-                   for name, engine in job.engines.items()}
+        metrics = {}
+        for name, role in job.roles.items():
+            metrics[f"lr/{name}"] = scheduled_lr(job.base_lr(name), step, cfg.trainer.warmup_steps,
+                                                 cfg.trainer.cooldown_steps, cfg.trainer.max_steps)
+            role.set_lr(metrics[f"lr/{name}"])
         metrics.update(job.step(step))
-        metrics = distributed.mean_across_ranks(metrics, d.device)
+        metrics = distributed.mean_across_ranks(metrics)
         elapsed = time.perf_counter() - start
         metrics.update({"time/step_s": elapsed, "time/samples_per_s": samples_per_iteration / elapsed,
                         "data/skipped": float(job.num_skipped)})
@@ -124,7 +120,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, config_yaml: str = "") -> dict:
         if cfg.logger.video_every > 0 and (step + 1) % cfg.logger.video_every == 0:  # every rank: ZeRO-3 gathers
             job.log_media(step + 1, logger)
         done = step + 1 == cfg.trainer.max_steps
-        preempted = preemption.agreed(d.device)
+        preempted = preemption.agreed()
         if done or preempted or (step + 1) % cfg.trainer.checkpoint_every == 0:
             save(step + 1)
         if preempted:
@@ -181,9 +177,17 @@ def main() -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    conf_dir = os.environ.get("SF_CONF_DIR", str(Path(__file__).resolve().parents[1] / "conf"))
+    from sf.config import register_configs, search_path_overrides, task_choices
 
-    @hydra.main(version_base=None, config_path=conf_dir, config_name="config")
+    try:
+        check_task_override(sys.argv[1:], task_choices())
+        sys.argv += search_path_overrides()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    register_configs()
+
+    @hydra.main(version_base=None, config_path="pkg://sf.conf", config_name="config")
     def _run(dict_cfg) -> None:
         try:
             cfg = to_train_config(dict_cfg)
@@ -199,6 +203,14 @@ def main() -> None:
             sys.exit(1)
 
     _run()
+
+
+def check_task_override(argv: list[str], choices: list[str]) -> None:
+    """A `task=<name>` on the command line must name a task (Hydra's own message spans a dozen lines)."""
+    for arg in argv:
+        key, _, value = arg.lstrip("+~").partition("=")
+        if key == "task" and value and "," not in value and value not in choices:
+            raise ValueError(f"unknown task {value!r}; the known tasks are {', '.join(choices)}")
 
 
 if __name__ == "__main__":

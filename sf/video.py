@@ -1,7 +1,9 @@
-"""Writing videos to disk (mp4, gif) and tiling several videos into one (teacher vs student)."""
+"""Videos on disk and in memory (mp4, gif, H.264 bytes) and tiling several videos into one (teacher vs student)."""
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -63,6 +65,24 @@ def save_video(frames: np.ndarray | torch.Tensor, path: str | Path, fps: int = 8
         for frame in frames:
             writer.append_data(frame)
     return path
+
+
+def encode_mp4(video: np.ndarray | torch.Tensor, fps: int = 16) -> bytes:
+    """H.264 bytes of a video (lossy; see `save_video` for the accepted layouts)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return save_video(video, os.path.join(tmp, "video.mp4"), fps=fps).read_bytes()
+
+
+def decode_mp4(data: bytes) -> np.ndarray:
+    """Frames of mp4 bytes; uint8 (T, H, W, 3)."""
+    import imageio.v2 as imageio
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "video.mp4")
+        with open(path, "wb") as f:
+            f.write(data)
+        with imageio.get_reader(path, format="FFMPEG") as reader:
+            return np.stack([np.asarray(frame)[..., :3] for frame in reader])
 
 
 def side_by_side(

@@ -30,6 +30,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from sf.distributed import free_port
+
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "srun", "scontrol", "squeue", "scancel", "sinfo")
 MUNGE_KEY = Path("/etc/munge/munge.key")
@@ -105,11 +107,6 @@ def _reap_if_abandoned(owner_pid: int, root: Path) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
@@ -169,8 +166,8 @@ class SlurmCluster:
             f"ClusterName=sftest{os.getpid()}",
             f"FirstJobId={_first_job_id()}",
             f"SlurmctldHost={self.node}",
-            f"SlurmctldPort={_free_port()}",
-            f"SlurmdPort={_free_port()}",
+            f"SlurmctldPort={free_port()}",
+            f"SlurmdPort={free_port()}",
             "SlurmUser=root",
             "SlurmdUser=root",
             "AuthType=auth/munge",

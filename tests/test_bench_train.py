@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from eval.bench_train import _intervals, _union_bytes, flop_counter, main
+from eval.bench_train import flop_counter, main
+from sf.distributed import byte_ranges, union_bytes
 
 SMALL = ["--flavor", "debug", "--num-frames", "6", "--frames-per-block", "3", "--latent-hw", "4", "4",
          "--text-len", "4", "--repeats", "1", "--peak-size", "256", "--peak-repeats", "2"]
@@ -51,9 +52,9 @@ def test_attention_flops_are_counted():
 def test_union_bytes_counts_shared_memory_once():
     flat = torch.zeros(100)
     views = [flat[:50], flat[50:], flat[25:75]]
-    assert _union_bytes(_intervals(views)) == 400
-    assert _union_bytes(_intervals([flat, torch.zeros(10)])) == 440
-    assert _union_bytes(_intervals([flat.view(10, 10).t()])) == 400  # non-contiguous: its whole storage
+    assert union_bytes(byte_ranges(views)) == 400
+    assert union_bytes(byte_ranges([flat, torch.zeros(10)])) == 440
+    assert union_bytes(byte_ranges([flat.view(10, 10).t()])) == 400  # non-contiguous: its whole storage
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from eval.bench_vae import main, object_mask
-from sf.data.world import BACKGROUNDS, make_scene, render
+from sf.world.scenes import BACKGROUNDS, make_scene, render
 from sf.models.vae import WanVAE, save_codec
 
 

@@ -20,7 +20,6 @@ from sf.data import (
     list_shards,
     write_prompt_shards,
 )
-from sf.data.prompts import main as prompts_main
 from sf.data.prompts import shuffled
 
 NUM_PROMPTS = 40
@@ -98,10 +97,12 @@ def test_write_prompt_shards_layout(tmp_path):
         write_prompt_shards(["a", {"prompt": "b", "key": "000000000"}], str(tmp_path / "dup"), progress=False)
 
 
-def test_cli_writes_shards(tmp_path, capsys):
+def test_prompt_file_becomes_shards_the_stream_reads(tmp_path):
+    from sf.tasks.distill import prepare_prompt_shards
+
     (tmp_path / "prompts.txt").write_text("first prompt\n\nsecond prompt\nthird\n", encoding="utf-8")
-    prompts_main([str(tmp_path / "prompts.txt"), str(tmp_path / "out"), "--samples-per-shard", "2"])
-    cfg = PromptDataConfig(shards=str(tmp_path / "out"), batch_size=3, resample=False, shuffle_buffer=0)
+    out = prepare_prompt_shards(str(tmp_path / "prompts.txt"), tmp_path / "run", rank=0)
+    cfg = PromptDataConfig(shards=out, batch_size=3, resample=False, shuffle_buffer=0)
     stream = PromptStream(cfg)
     assert [b["prompt"] for b in stream] == [["first prompt", "second prompt", "third"]]
 

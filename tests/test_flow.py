@@ -5,14 +5,13 @@ import torch
 
 from sf.diffusion import (
     DEFAULT_CFG_SCALE,
-    FlowSchedule,
     add_noise,
     cfg_combine,
+    dmd_timestep,
     eps_from_flow,
     flow_from_x0_noise,
     guided_net,
     ode_sigmas,
-    sample_dmd_timestep,
     sample_few_step,
     sample_teacher,
     shift_sigma,
@@ -272,7 +271,7 @@ def test_student_few_step_lands_on_point():
     x_star, eps0 = _randn(B, F, C, H, W, seed=11), _randn(B, F, C, H, W, seed=12)
     net = PointFlow(x_star)
     t_steps = warp_steps(STUDENT_STEPS, 5)
-    out = sample_few_step(net, eps0, t_steps, generator=torch.Generator().manual_seed(0))
+    out = sample_few_step(net, eps0, t_steps, rng=torch.Generator().manual_seed(0))
     torch.testing.assert_close(out, x_star, atol=1e-5, rtol=0)
     assert len(net.calls) == len(STUDENT_STEPS)
     for t_call, t_expected in zip(net.calls, t_steps):
@@ -289,7 +288,7 @@ def test_student_renoises_with_fresh_noise():
         return torch.zeros_like(x_t)  # x0 prediction = x_t itself
 
     t_steps = [1000.0, 500.0, 250.0]
-    out = sample_few_step(net, eps0, t_steps, generator=torch.Generator().manual_seed(3))
+    out = sample_few_step(net, eps0, t_steps, rng=torch.Generator().manual_seed(3))
     gen = torch.Generator().manual_seed(3)
     fresh1, fresh2 = torch.randn(eps0.shape, generator=gen), torch.randn(eps0.shape, generator=gen)
     expected1 = 0.5 * eps0 + 0.5 * fresh1
@@ -297,6 +296,24 @@ def test_student_renoises_with_fresh_noise():
     torch.testing.assert_close(seen[1], expected1, atol=1e-6, rtol=0)
     torch.testing.assert_close(seen[2], expected2, atol=1e-6, rtol=0)
     torch.testing.assert_close(out, expected2, atol=1e-6, rtol=0)
+
+
+def test_student_gradient_reaches_only_the_last_forward_with_grad_last():
+    scale = torch.ones((), requires_grad=True)
+    grad_modes = []
+
+    def net(x_t, t):
+        grad_modes.append(torch.is_grad_enabled())
+        return x_t * scale
+
+    eps0 = _randn(B, F, C, H, W, seed=1)
+    out = sample_few_step(net, eps0, [1000.0, 500.0, 250.0], rng=torch.Generator().manual_seed(0), grad_last=True)
+    assert grad_modes == [False, False, True] and out.requires_grad
+    grad_modes.clear()
+    with torch.no_grad():  # an enclosing no_grad wins
+        assert not sample_few_step(net, eps0, [1000.0, 500.0], grad_last=True).requires_grad
+    assert grad_modes == [False, False]
+    assert not sample_few_step(net, eps0, [1000.0, 500.0]).requires_grad
 
 
 @pytest.mark.parametrize("steps", [[], [1000, 1000], [500, 750], [1000, 0], [1001]])
@@ -308,38 +325,22 @@ def test_student_rejects_bad_steps(steps):
 # ------------------------------------------------------------------------------------------- DMD timestep
 
 
-def test_sample_dmd_timestep_range_and_reproducibility():
-    t = sample_dmd_timestep(4096, 5.0, generator=torch.Generator().manual_seed(0))
+def test_dmd_timestep_range_and_formula():
+    u = torch.rand(4096, generator=torch.Generator().manual_seed(0))
+    t = dmd_timestep(u, 5.0)
     assert t.shape == (4096,) and t.dtype == torch.float32
     assert float(t.min()) >= 20.0 and float(t.max()) <= 980.0
     assert float(t.max()) == 980.0 and float(t.min()) == 20.0  # both clamps are hit in 4096 draws
-    again = sample_dmd_timestep(4096, 5.0, generator=torch.Generator().manual_seed(0))
-    other = sample_dmd_timestep(4096, 5.0, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(t, again) and not torch.equal(t, other)
-    u = torch.rand(4096, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(t, (5 * u / (1 + 4 * u)).clamp(0.02, 0.98) * 1000)
+    narrowed = dmd_timestep(u, 1.0, 0.0, 1.0, 0.25, 0.5)  # shift 1: sigma = 0.25 + 0.25 u
+    torch.testing.assert_close(narrowed, (0.25 + 0.25 * u) * 1000)
 
 
-def test_sample_dmd_timestep_per_frame_and_errors():
-    t = sample_dmd_timestep(3, 1.0, 0.1, 0.5, torch.Generator().manual_seed(0), num_frames=F)
-    assert t.shape == (3, F) and bool((t == t[:, :1]).all())
-    assert float(t.min()) >= 100.0 and float(t.max()) <= 500.0
+def test_dmd_timestep_errors():
+    u = torch.rand(3, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError):
-        sample_dmd_timestep(2, 5.0, 0.9, 0.1)
+        dmd_timestep(u, 5.0, 0.9, 0.1)
     with pytest.raises(ValueError):
-        sample_dmd_timestep(0, 5.0)
-
-
-def test_flow_schedule_matches_functions():
-    sched = FlowSchedule(shift=8.0)
-    assert sched.num_train_timesteps == 1000
-    assert torch.equal(sched.warp_steps(STUDENT_STEPS), warp_steps(STUDENT_STEPS, 8.0))
-    assert torch.equal(sched.timesteps_table(), timesteps_table(8.0))
-    assert sched.shift_sigma(0.5) == shift_sigma(0.5, 8.0)
-    assert sched.sigma_to_t(0.25) == 250.0 and sched.t_to_sigma(250.0) == 0.25
-    gen_a, gen_b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
-    assert torch.equal(sched.sample_dmd_timestep(8, generator=gen_a), sample_dmd_timestep(8, 8.0, generator=gen_b))
-    x0, eps = _randn(B, F, C, H, W, seed=1), _randn(B, F, C, H, W, seed=2)
-    assert torch.equal(sched.add_noise(x0, eps, 0.3), add_noise(x0, eps, 0.3))
+        dmd_timestep(u, 5.0, 0.02, 0.98, 0.8, 0.5)
     with pytest.raises(ValueError):
-        FlowSchedule(shift=0.0)
+        dmd_timestep(u, 0.0)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import perturb_
-from sf.diffusion import add_noise, sample_dmd_timestep, t_to_sigma
+from sf.diffusion import add_noise, dmd_timestep, t_to_sigma
 from sf.distill import critic_loss, dmd_loss, flow_matching_loss, ode_regression_loss, sid_loss, x0_predictor
 from sf.models import CausalConfig, VideoDiT, dit_config
 
@@ -41,7 +41,7 @@ def test_dmd_gradient_is_exactly_grad_over_numel(dtype, rtol):
     video = torch.randn(2, 6, 4, 4, 4, dtype=dtype) * torch.tensor([1.0, 3.0], dtype=dtype).view(2, 1, 1, 1, 1)
     video.requires_grad_()
     noise = torch.randn_like(video)
-    t = sample_dmd_timestep(2, generator=torch.Generator().manual_seed(0))
+    t = dmd_timestep(torch.rand(2, generator=torch.Generator().manual_seed(0)), 5.0)
     real, fake = linear_score(0.9, -0.3), linear_score(0.7, 0.1)
     loss, stats = dmd_loss(video, real, fake, t, noise)
     loss.backward()

@@ -6,14 +6,10 @@ import pytest
 import torch
 from conftest import perturb_
 
+from sf.data.bank import SampleBank
 from sf.data.shards import ShardWriter, decode_tensors, iter_samples, list_shards
 from sf.distill import RolloutConfig, ode_regression_loss
-from sf.distill.ode_pairs import (
-    ODE,
-    decode_ode_sample,
-    iter_ode_batches,
-    write_ode_pairs,
-)
+from sf.distill.ode_pairs import ODE, decode_ode_sample, write_ode_pairs
 from sf.models import CausalConfig, VideoDiT, dit_config
 from sf.models.text import TINY_CLIP, OpenCLIPTextEncoder
 
@@ -109,12 +105,11 @@ def test_real_teacher_shards(tmp_path, teacher, text_encoder):
     assert tensors["trajectory"].shape == (len(STUDENT_T), *LATENT) and tensors["clean"].shape == LATENT
     assert [s["prompt"] for s in raw] == PROMPTS
 
-    batches = list(iter_ode_batches(str(tmp_path / "a"), batch_size=2))
-    assert [len(b["prompt"]) for b in batches] == [2, 1]
-    assert batches[0]["trajectory"].shape == (2, len(STUDENT_T), *LATENT)
-    assert batches[0]["trajectory"].dtype == torch.float32
-    assert batches[0]["clean"].shape == (2, *LATENT) and batches[0]["sigmas"].shape == (len(STUDENT_T),)
-    assert batches[-1]["num_skipped"] == 0
+    bank = SampleBank(str(tmp_path / "a"), decode_ode_sample)  # how task=ode reads them
+    assert [s["prompt"] for s in bank.samples] == PROMPTS and bank.num_skipped == 0
+    assert bank.samples[0]["trajectory"].shape == (len(STUDENT_T), *LATENT)
+    assert bank.samples[0]["trajectory"].dtype == torch.float32
+    assert bank.samples[0]["clean"].shape == LATENT and bank.samples[0]["sigmas"].shape == (len(STUDENT_T),)
 
     # same seed: byte-identical tensors; another seed or another guidance scale: different samples
     _write(teacher, text_encoder, tmp_path / "b")
@@ -134,19 +129,20 @@ def test_corrupt_samples_are_counted_and_skipped(tmp_path, teacher, text_encoder
     with ShardWriter(str(tmp_path), "zz-bad", progress=False) as writer:
         writer.write({"__key__": "bad0", "txt": "garbage", ODE: b"not safetensors"})
         writer.write({"__key__": "bad1", "txt": "no trajectory"})
-    batches = list(iter_ode_batches(str(tmp_path), batch_size=8))
-    assert len(batches) == 1 and batches[0]["prompt"] == PROMPTS
-    assert batches[0]["num_skipped"] == 2
+    bank = SampleBank(str(tmp_path), decode_ode_sample)
+    assert [s["prompt"] for s in bank.samples] == PROMPTS
+    assert bank.num_skipped == 2
 
 
 def test_regression_loss_on_read_back_pairs(tmp_path, teacher, text_encoder):
     _write(teacher, text_encoder, tmp_path)
-    batch = next(iter_ode_batches(str(tmp_path), batch_size=2))
+    samples = SampleBank(str(tmp_path), decode_ode_sample).samples[:2]
     torch.manual_seed(2)
     student = perturb_(VideoDiT(dit_config("debug", text_dim=64)))
-    context, _ = text_encoder(batch["prompt"])
-    loss = ode_regression_loss(student, batch["trajectory"], batch["sigmas"], batch["clean"], context,
-                               CausalConfig(frames_per_block=3), generator=torch.Generator().manual_seed(0))
+    context, _ = text_encoder([s["prompt"] for s in samples])
+    trajectory, clean = (torch.stack([s[k] for s in samples]) for k in ("trajectory", "clean"))
+    loss = ode_regression_loss(student, trajectory, samples[0]["sigmas"], clean, context,
+                               CausalConfig(frames_per_block=3), rng=torch.Generator().manual_seed(0))
     loss.backward()
     assert torch.isfinite(loss) and loss > 0
     grads = [p.grad for p in student.parameters() if p.requires_grad]

@@ -7,17 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from eval.oracle import (
+from sf.world.oracle import (
     COMPONENTS,
     drift_vs_horizon,
-    oracle_score,
+    video_score,
     parse_caption,
     recover,
     score_video,
     score_videos,
     track,
 )
-from sf.data.world import (
+from sf.video import decode_mp4, encode_mp4
+from sf.world.scenes import (
     BACKGROUNDS,
     COLOURS,
     DIRECTIONS,
@@ -26,8 +27,6 @@ from sf.data.world import (
     Claim,
     WorldSpec,
     caption,
-    decode_mp4,
-    encode_mp4,
     make_scene,
     render,
 )
@@ -44,7 +43,7 @@ def world():
     return scenes, videos, [caption(s) for s in scenes], [track(v) for v in videos]
 
 
-def _mean(scores, name="oracle_score"):
+def _mean(scores, name="video_score"):
     return float(np.mean([s[name] for s in scores]))
 
 
@@ -70,9 +69,9 @@ def _noisy(video, sigma, rng):
 def test_real_videos_score_one_and_truth_is_recovered(world):
     scenes, _, captions, tracks = world
     scores = [score_video(t, c) for t, c in zip(tracks, captions)]
-    for name in (*COMPONENTS, "oracle_score"):
+    for name in (*COMPONENTS, "video_score"):
         assert _mean(scores, name) >= 0.95, name
-    assert min(s["oracle_score"] for s in scores) >= 0.9
+    assert min(s["video_score"] for s in scores) >= 0.9
     for scene, t in zip(scenes, tracks):
         recovered = recover(t)
         assert recovered.background == scene.background
@@ -139,7 +138,7 @@ def test_noise_and_junk_score_zero_without_crashing():
     text = caption(make_scene(0, "val", 0))
     noise = [score_video(rng.integers(0, 256, (81, 64, 64, 3), dtype=np.uint8), text) for _ in range(3)]
     for scores in noise:
-        assert scores["oracle_score"] == 0.0
+        assert scores["video_score"] == 0.0
         assert max(scores[name] for name in COMPONENTS) <= 0.05
     junk = [
         np.zeros((81, 64, 64, 3), np.uint8),  # black frames
@@ -151,13 +150,13 @@ def test_noise_and_junk_score_zero_without_crashing():
     for video in junk:
         scores = score_video(video, text)
         assert all(np.isfinite(list(scores.values())))
-        assert scores["oracle_score"] == 0.0
+        assert scores["video_score"] == 0.0
 
 
 def test_float_torch_videos_are_read_like_uint8(world):
     _, videos, captions, _ = world
     as_float = torch.from_numpy(videos[0]).permute(0, 3, 1, 2).float() / 127.5 - 1  # (T, C, H, W) in [-1, 1]
-    assert score_video(as_float, captions[0])["oracle_score"] == pytest.approx(1.0)
+    assert score_video(as_float, captions[0])["video_score"] == pytest.approx(1.0)
 
 
 # ------------------------------------------------------------------------------------------------ robustness
@@ -178,9 +177,9 @@ def test_scores_stay_high_under_noise_blur_and_mp4(world):
 # ------------------------------------------------------------------------------------------------ combining
 
 
-def test_oracle_score_is_the_geometric_mean_of_the_components():
+def test_video_score_is_the_geometric_mean_of_the_components():
     def score(adherence, motion, stability):
-        return oracle_score(dict(prompt_adherence=adherence, motion_consistency=motion, temporal_stability=stability))
+        return video_score(dict(prompt_adherence=adherence, motion_consistency=motion, temporal_stability=stability))
 
     assert score(1.0, 1.0, 1.0) == 1.0
     assert score(0.5, 1.0, 0.25) == pytest.approx(0.5)
@@ -191,7 +190,7 @@ def test_oracle_score_is_the_geometric_mean_of_the_components():
 def test_score_videos_averages_and_checks_lengths(world):
     _, videos, captions, _ = world
     means = score_videos(videos[:3], captions[:3])
-    assert means["num_videos"] == 3 and means["oracle_score"] == pytest.approx(1.0)
+    assert means["num_videos"] == 3 and means["video_score"] == pytest.approx(1.0)
     with pytest.raises(ValueError):
         score_videos(videos[:3], captions[:2])
     assert parse_caption(captions[0]).background in BACKGROUNDS
@@ -205,12 +204,12 @@ def test_drift_vs_horizon_tracks_where_a_long_rollout_breaks():
     captions = [caption(scene) for scene in scenes]
     steady = drift_vs_horizon(videos, captions, window=16)
     assert steady["start"].tolist() == [0, 16, 32, 48, 64, 80]
-    assert (steady["oracle_score"] >= 0.95).all()
+    assert (steady["video_score"] >= 0.95).all()
     broken = [video.copy() for video in videos]
     for scene, video in zip(scenes, broken):
         video[48:] = BACKGROUNDS[scene.background]  # everything vanishes half way
     for curve in (drift_vs_horizon(broken, captions), drift_vs_horizon(broken)):  # with captions, or vs its start
-        assert (curve["oracle_score"][:3] >= 0.95).all() and (curve["oracle_score"][3:] == 0.0).all()
+        assert (curve["video_score"][:3] >= 0.95).all() and (curve["video_score"][3:] == 0.0).all()
         assert (curve["temporal_stability"][3:] == 0.0).all()
     with pytest.raises(ValueError):
         drift_vs_horizon([videos[0], videos[1][:50]])

@@ -6,7 +6,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
-from eval.report import format_table, sample_grid, write_report
+from sf.world.report import format_table, sample_grid, write_report
 from sf.logging import LoggerConfig, RunLogger
 from sf.video import LABEL_HEIGHT
 
@@ -52,7 +52,7 @@ def test_write_report_writes_every_file(tmp_path, metrics_path):
     report = fake_report()
     history = [{"step": s, "oracle_score": 0.3 + s / 1000, "prompt_adherence": 0.5, "fvd": 300.0 - s}
                for s in (0, 100, 200)]
-    drift = {m: [{"horizon_frames": h, "oracle_score": 0.8 - h / 200, "prompt_adherence": 0.9} for h in (16, 32, 64)]
+    drift = {m: [{"horizon_frames": h, "video_score": 0.8 - h / 200, "prompt_adherence": 0.9} for h in (16, 32, 64)]
              for m in MODELS}
     captions = ["a red circle moves left on a white background", "two blue squares bounce up and down"]
     out = tmp_path / "report"

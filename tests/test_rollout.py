@@ -103,7 +103,7 @@ def test_forward_pattern_count_and_sync(model, exits):
         return torch.tensor(exits)
 
     net = Recorder(model)
-    out = self_forcing_rollout(net, model.new_cache, noise, ctx, cfg, generator=torch.Generator().manual_seed(0),
+    out = self_forcing_rollout(net, model.new_cache, noise, ctx, cfg, rng=torch.Generator().manual_seed(0),
                                sync=sync)
     assert len(synced) == 1 and bool((synced[0] == synced[0][0]).all())  # drawn once, same exit for all
     assert out.exit_steps.tolist() == list(exits)
@@ -168,7 +168,7 @@ def test_gradient_is_exactly_the_exit_step_forwards(model, context_grad):
     """
     cfg, noise, ctx = setup(batch=2, context_grad=context_grad)
     net = Recorder(model)
-    out = self_forcing_rollout(net, model.new_cache, noise, ctx, cfg, generator=torch.Generator().manual_seed(1),
+    out = self_forcing_rollout(net, model.new_cache, noise, ctx, cfg, rng=torch.Generator().manual_seed(1),
                                sync=fixed(1, 3, 0))
     weights = torch.randn_like(out.video)
     params = [p for p in model.parameters()]
@@ -213,14 +213,14 @@ def test_later_losses_reach_earlier_chunks_only_with_context_grad(model, context
 @pytest.mark.parametrize("context_noise", [0.0, 100.0])
 def test_generate_equals_manual_few_step_sampling_with_cache(model, context_noise):
     cfg, noise, ctx = setup(frames=7, context_noise=context_noise)
-    video = generate(model, model.new_cache, noise, ctx, cfg, generator=torch.Generator().manual_seed(5))
+    video = generate(model, model.new_cache, noise, ctx, cfg, rng=torch.Generator().manual_seed(5))
 
     g = torch.Generator().manual_seed(5)
     cache, chunks = model.new_cache(cfg.causal), []
     student = lambda x, t: model(x, t, ctx, cache=cache)  # noqa: E731
     with torch.no_grad():
         for s, e in cfg.causal.chunk_bounds(7):
-            x0 = sample_few_step(student, noise[:, s:e], cfg.timesteps(), generator=g)
+            x0 = sample_few_step(student, noise[:, s:e], cfg.timesteps(), rng=g)
             chunks.append(x0)
             if context_noise:
                 x0 = add_noise(x0, torch.randn(x0.shape, generator=g), context_noise / 1000)
@@ -231,8 +231,8 @@ def test_generate_equals_manual_few_step_sampling_with_cache(model, context_nois
 
 def test_stream_chunks_concatenate_to_generate(model):
     cfg, noise, ctx = setup(frames=8)
-    video = generate(model, model.new_cache, noise, ctx, cfg, generator=torch.Generator().manual_seed(2))
-    chunks = list(stream_chunks(model, model.new_cache, noise, ctx, cfg, generator=torch.Generator().manual_seed(2)))
+    video = generate(model, model.new_cache, noise, ctx, cfg, rng=torch.Generator().manual_seed(2))
+    chunks = list(stream_chunks(model, model.new_cache, noise, ctx, cfg, rng=torch.Generator().manual_seed(2)))
     assert [c.shape[1] for c in chunks] == [3, 3, 2]
     assert torch.equal(torch.cat(chunks, 1), video)
     assert torch.is_grad_enabled()  # the generator never leaks its grad mode
@@ -241,9 +241,9 @@ def test_stream_chunks_concatenate_to_generate(model):
 def test_rolling_window_rollout_equals_masked_sampling(model):
     # a long rollout over a fixed-size cache: 1-frame chunks, window 2 + 1 sink frame
     cfg, noise, ctx = setup(frames=8, frames_per_block=1, local_attn_frames=2, sink_frames=1, last_step_only=True)
-    video = generate(model, model.new_cache, noise, ctx, cfg, generator=torch.Generator().manual_seed(4))
+    video = generate(model, model.new_cache, noise, ctx, cfg, rng=torch.Generator().manual_seed(4))
     # the training rollout at the last step gives the same video, with gradient
-    out = self_forcing_rollout(model, model.new_cache, noise, ctx, cfg, generator=torch.Generator().manual_seed(4))
+    out = self_forcing_rollout(model, model.new_cache, noise, ctx, cfg, rng=torch.Generator().manual_seed(4))
     assert out.video.requires_grad and (out.video - video).abs().max() < 1e-6
 
     g, outputs = torch.Generator().manual_seed(4), []
@@ -256,10 +256,10 @@ def test_rolling_window_rollout_equals_masked_sampling(model):
                              causal=cfg.causal)
                 return full[:, prefix.shape[1]:]
 
-            outputs.append(sample_few_step(masked, noise[:, f:f + 1], cfg.timesteps(), generator=g))
+            outputs.append(sample_few_step(masked, noise[:, f:f + 1], cfg.timesteps(), rng=g))
     assert (torch.cat(outputs, 1) - video).abs().max() < 1e-5
     unwindowed = generate(model, model.new_cache, noise, ctx, RolloutConfig(num_frames=8, frames_per_block=1),
-                          generator=torch.Generator().manual_seed(4))
+                          rng=torch.Generator().manual_seed(4))
     assert (unwindowed[:, -1] - video[:, -1]).abs().max() > 1e-4  # the window mattered
 
 
@@ -288,7 +288,7 @@ def test_diffusion_forcing_writes_noised_real_chunks(model):
     real = torch.randn_like(noise)
     net = Recorder(model)
     out = diffusion_forcing_rollout(net, model.new_cache, real, noise, ctx, cfg,
-                                    generator=torch.Generator().manual_seed(0), sync=fixed(0, 0, 0))
+                                    rng=torch.Generator().manual_seed(0), sync=fixed(0, 0, 0))
     steps = cfg.timesteps()
     assert out.num_forwards == 6 and out.video.requires_grad
     for c in (c for c in net.calls if c.write):

@@ -6,6 +6,7 @@ from safetensors.torch import save_file
 
 import sf  # noqa: F401  (torchvision fix before open_clip)
 from sf.data import PromptDataConfig, PromptStream, write_prompt_shards
+from sf.data.prompts import prompt_features
 from sf.models.text import (
     TINY_CLIP,
     CachedTextEncoder,
@@ -154,7 +155,7 @@ def test_cached_encoder_serves_shard_features(tmp_path, encoder):
     (batch,) = list(stream)
     assert batch["features"].shape == (4, max(_num_tokens(encoder, p) for p in PROMPTS), 64)
     cached = CachedTextEncoder(max_length=77)
-    features, mask = cached.encode_batch(batch)
+    features, mask = prompt_features(cached, batch)
     expected, expected_mask = encoder(batch["prompt"])
     assert torch.equal(mask, expected_mask)
     torch.testing.assert_close(features, expected, rtol=1e-3, atol=1e-3)  # stored as float16
@@ -173,7 +174,7 @@ def test_cached_encoder_table_and_fallback(encoder):
         table(["cube"])
     with_fallback = CachedTextEncoder({"": (negative, negative_mask)}, fallback=encoder)
     assert torch.equal(with_fallback(["cube", ""])[0], encoder(["cube", ""])[0])
-    assert torch.equal(with_fallback.encode_batch({"prompt": ["cube"]})[0], encoder(["cube"])[0])
+    assert torch.equal(prompt_features(with_fallback, {"prompt": ["cube"]})[0], encoder(["cube"])[0])
 
 
 def test_negative_prompt_is_encoded_once_and_expanded(encoder):

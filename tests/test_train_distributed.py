@@ -12,7 +12,9 @@ from safetensors.torch import load_file
 
 from sf.checkpoint import list_checkpoints
 from sf.cli import export_main
+from sf.config import NetConfig
 from sf.models.convert import load_dit
+from sf.tasks.base import build_net
 
 pytestmark = pytest.mark.slow
 
@@ -88,16 +90,57 @@ def test_sigkill_then_rerun_reproduces_uninterrupted_losses(tmp_path, stage):
 
 
 def test_gradient_accumulation_matches_larger_micro_batch(tmp_path):
-    common = SMOKE + ["trainer.max_steps=3", "trainer.checkpoint_every=100", "distill.ema_decay=0"]
-    run_train(tmp_path / "b2", common + ["data.batch_size=2", "trainer.grad_accum_steps=1"], nproc=1)
-    run_train(tmp_path / "a2", common + ["data.batch_size=1", "trainer.grad_accum_steps=2"], nproc=1)
-    big = load_dit(tmp_path / "b2" / "checkpoints" / "step_000003" / "export" / "generator.safetensors")
-    acc = load_dit(tmp_path / "a2" / "checkpoints" / "step_000003" / "export" / "generator.safetensors")
-    rows_big, rows_acc = read_metrics(tmp_path / "b2"), read_metrics(tmp_path / "a2")
-    for a, b in zip(rows_big, rows_acc):
-        assert a["loss/critic"] == pytest.approx(b["loss/critic"], rel=1e-5)
-    for (name, p), q in zip(big.named_parameters(), acc.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6, msg=name)
-    for run in ("b2", "a2"):  # equal because both trained the same way, not because neither trained
-        prints = fingerprints(tmp_path / run, 0)
-        assert prints["start"]["generator"] != prints["end"]["generator"], run
+    """Two micro-batches of one sample make the update one micro-batch of two makes: the same gradient, the mean
+    over both samples.
+
+    AdamW's first update is lr * g / (|g| + eps), i.e. lr * sign(g) for |g| >> eps: a near-zero gradient element
+    whose last bits differ between the two float summation orders flips sign and moves a whole lr either way, so
+    weights after AdamW cannot show it. With eps >> |g| the same optimizer takes lr / eps * g, a plain gradient
+    step, and the weights compare the accumulated gradients themselves. lr = eps makes the step the gradient
+    itself (largest element ~1e-2), far above the fp32 rounding of the weights it is added to (~1e-7).
+    """
+    sgd = [f"task.optim.{role}.{key}" for role in ("generator", "critic") for key in ("eps=1e6", "weight_decay=0")]
+    common = SMOKE + ["trainer.max_steps=1", "trainer.checkpoint_every=100", "task.ema.decay=0",
+                      "task.optim.generator.lr=1e6", *sgd]
+    runs = {"big": ["data.batch_size=2", "trainer.grad_accum_steps=1"],
+            "accumulated": ["data.batch_size=1", "trainer.grad_accum_steps=2"],
+            "half": ["data.batch_size=1", "trainer.grad_accum_steps=1"]}  # one sample only: must differ
+    for name, overrides in runs.items():
+        run_train(tmp_path / name, common + overrides, nproc=1)
+    start = build_net(NetConfig(flavor="debug", checkpoint="random", overrides={"text_dim": 64}), seed=0).state_dict()
+    delta = {}
+    for name in runs:
+        weights = load_dit(tmp_path / name / "checkpoints" / "step_000001" / "export" / "generator.safetensors")
+        delta[name] = {k: v - start[k] for k, v in weights.state_dict().items()}
+    scale = max(float(d.abs().max()) for d in delta["big"].values())  # the largest update element
+    assert scale > 0
+    # the per-element sums differ only in order: fp32 rounding, ~1e-6 of the largest element here (bound: 1e-3)
+    for key, expected in delta["big"].items():
+        torch.testing.assert_close(delta["accumulated"][key], expected, rtol=0, atol=1e-3 * scale, msg=key)
+    assert max(float((delta["half"][k] - d).abs().max()) for k, d in delta["big"].items()) > 1e-2 * scale
+    rows = {name: read_metrics(tmp_path / name)[0] for name in runs}
+    for key in ("grad_norm/generator", "loss/critic", "loss/generator"):  # norms and means of the same sums
+        assert rows["accumulated"][key] == pytest.approx(rows["big"][key], rel=1e-5), key
+    assert rows["half"]["grad_norm/generator"] != pytest.approx(rows["big"]["grad_norm/generator"], rel=1e-3)
+
+
+def test_ema_starts_at_the_first_generator_step_at_or_after_its_start_and_resumes(tmp_path):
+    """smoke: the generator updates at steps 0, 2, 4 (every 2), the EMA starts at step 1 -> its copy is at step 2.
+    After step 4 (iterations 0-3) nothing has updated the generator since, so its EMA equals it exactly; a run
+    resumed after the copy continues the same average (the start is part of the checkpoint)."""
+    run_train(tmp_path / "a", SMOKE + ["trainer.max_steps=4"], nproc=1)
+    export = tmp_path / "a" / "checkpoints" / "step_000004" / "export"
+    ema, generator = load_file(str(export / "generator_ema.safetensors")), load_file(str(export / "generator.safetensors"))
+    assert all(torch.equal(ema[k], generator[k]) for k in generator)
+
+    overrides = SMOKE + ["trainer.max_steps=6", "trainer.checkpoint_every=4", "task.ema.decay=0.5"]
+    run_train(tmp_path / "straight", overrides, nproc=1)
+    run_train(tmp_path / "resumed", SMOKE + ["trainer.max_steps=4", "trainer.checkpoint_every=4",
+                                            "task.ema.decay=0.5"], nproc=1)
+    out = run_train(tmp_path / "resumed", overrides, nproc=1)
+    assert "resumed from" in out.stdout
+    final = "checkpoints/step_000006/export/generator_ema.safetensors"
+    straight, resumed = load_file(str(tmp_path / "straight" / final)), load_file(str(tmp_path / "resumed" / final))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    generator = load_file(str(tmp_path / "straight" / "checkpoints/step_000006/export/generator.safetensors"))
+    assert any(not torch.equal(straight[k], generator[k]) for k in generator)  # an average now, not a copy

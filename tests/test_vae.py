@@ -8,20 +8,21 @@ import torch
 from safetensors.torch import save_file
 
 from sf.data import ShardWriter, decode_tensors, iter_samples, list_shards
+from sf.data.bank import decode_pixel_sample
 from sf.data.latents import LATENT_MEMBER, cache_latents
-from sf.data.world import WorldSpec, decode_world_sample, encode_npy, make_scene, render, write_world_shards
+from sf.data.shards import encode_npy
 from sf.models.vae import (
     WAN_VAE_CONFIGS,
     CodecConfig,
     IdentityCodec,
     WanVAE,
     codec_from_config,
-    foreground_mask,
     load_codec,
     save_codec,
-    vae_loss,
     video_from_uint8,
 )
+from sf.tasks.vae import foreground_mask, vae_loss
+from sf.world.scenes import WorldSpec, make_scene, render, write_world_shards
 
 
 def world_videos(num_videos: int, num_frames: int) -> torch.Tensor:
@@ -104,8 +105,8 @@ def test_sampled_encode_uses_the_posterior_spread():
     codec = fresh_world_codec()
     random_stats(codec)
     video = world_videos(1, 5)
-    first = codec.encode(video, sample=True, generator=torch.Generator().manual_seed(3))
-    again = codec.encode(video, sample=True, generator=torch.Generator().manual_seed(3))
+    first = codec.encode(video, sample=True, rng=torch.Generator().manual_seed(3))
+    again = codec.encode(video, sample=True, rng=torch.Generator().manual_seed(3))
     assert torch.equal(first, again) and not torch.equal(first, codec.encode(video))
     dist = codec.vae.encode(video.permute(0, 2, 1, 3, 4)).latent_dist
     expected = codec.normalize(dist.sample(generator=torch.Generator().manual_seed(3)).permute(0, 2, 1, 3, 4))
@@ -155,7 +156,7 @@ def test_vae_loss_decreases_with_a_few_steps_and_gradients_are_finite():
     codec = fresh_world_codec().train()
     video = world_videos(2, 5)
     generator = torch.Generator().manual_seed(0)
-    reconstruction, _ = vae_loss(codec, video, kl_weight=0.0, generator=generator)
+    reconstruction, _ = vae_loss(codec, video, kl_weight=0.0, rng=generator)
     reconstruction.backward()  # the encoder learns from the reconstruction, through the posterior sample
     for name in ("encoder.conv_in.weight", "quant_conv.weight", "decoder.conv_out.weight"):
         grad = codec.vae.get_parameter(name).grad
@@ -164,7 +165,7 @@ def test_vae_loss_decreases_with_a_few_steps_and_gradients_are_finite():
     optimizer = torch.optim.Adam(codec.parameters(), lr=3e-3)
     losses = []
     for _ in range(12):
-        loss, stats = vae_loss(codec, video, generator=generator)
+        loss, stats = vae_loss(codec, video, rng=generator)
         optimizer.zero_grad()
         loss.backward()
         assert all(torch.isfinite(p.grad).all() for p in codec.parameters())
@@ -178,7 +179,7 @@ def test_vae_loss_decreases_with_a_few_steps_and_gradients_are_finite():
 
 def test_foreground_mask_finds_the_objects_of_world_clips():
     """The clip-median background mask equals the world's truth: the pixels not painted the background colour."""
-    from sf.data.world import BACKGROUNDS
+    from sf.world.scenes import BACKGROUNDS
 
     for index in range(4):
         scene = make_scene(0, "train", index)
@@ -299,7 +300,7 @@ def test_cache_latents_writes_latent_shards_and_skips_corrupt_samples(tmp_path):
     for index, sample in enumerate(samples):
         latents = decode_tensors(sample[LATENT_MEMBER])["latents"]
         assert latents.shape == (2, 16, 8, 8) and latents.dtype == torch.float16
-        source = decode_world_sample(inputs[sample["__key__"]])
-        expected = codec.encode(video_from_uint8(source.video)[None])[0]
+        source = decode_pixel_sample(inputs[sample["__key__"]])
+        expected = codec.encode(video_from_uint8(source["frames"])[None])[0]
         torch.testing.assert_close(latents.float(), expected, atol=1e-3, rtol=2e-3)  # fp16, batched differently
-        assert sample["txt"].decode() == source.caption and json.loads(sample["json"]) == source.meta
+        assert sample["txt"].decode() == source["prompt"] and json.loads(sample["json"]) == source["meta"]

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from sf.data import iter_samples, list_shards
+from sf.data.bank import decode_pixel_sample
 from sf.data.prompts import decode_prompt
-from sf.data.world import (
+from sf.world.scenes import (
     BACKGROUNDS,
     COLOURS,
     DIRECTIONS,
@@ -22,7 +23,6 @@ from sf.data.world import (
     allowed_triples,
     caption,
     contact_fraction,
-    decode_world_sample,
     main,
     make_scene,
     min_visible_fraction,
@@ -193,15 +193,16 @@ def test_world_spec_rejects_bad_values():
 def test_shard_roundtrip_pixels_and_truth(tmp_path):
     paths = write_world_shards(str(tmp_path / "a"), "val", 5, 3, samples_per_shard=3, pixels="both", progress=False)
     assert len(paths) == 2
-    samples = [decode_world_sample(s) for s in iter_samples(list_shards(str(tmp_path / "a")))]
-    assert [s.key for s in samples] == [f"val-3-{i:07d}" for i in range(5)]
+    samples = [decode_pixel_sample(s) for s in iter_samples(list_shards(str(tmp_path / "a")))]
+    assert [s["key"] for s in samples] == [f"val-3-{i:07d}" for i in range(5)]
     for index, sample in enumerate(samples):
         scene = make_scene(3, "val", index)
-        assert sample.scene == scene and sample.caption == caption(scene)
-        assert sample.meta["split"] == "val" and sample.meta["index"] == index and sample.meta["num_frames"] == 81
-        np.testing.assert_array_equal(sample.video, render(scene))
-    mp4 = decode_world_sample({k: v for k, v in next(iter_samples(paths)).items() if k != "npy"}).video
-    assert mp4.shape == (81, 64, 64, 3) and np.abs(mp4.astype(int) - samples[0].video).mean() < 8  # lossy but close
+        assert Scene.from_dict(sample["meta"]) == scene and sample["prompt"] == caption(scene)
+        assert sample["meta"]["split"] == "val" and sample["meta"]["index"] == index
+        assert sample["meta"]["num_frames"] == 81
+        np.testing.assert_array_equal(sample["frames"], render(scene))
+    mp4 = decode_pixel_sample({k: v for k, v in next(iter_samples(paths)).items() if k != "npy"})["frames"]
+    assert mp4.shape == (81, 64, 64, 3) and np.abs(mp4.astype(int) - samples[0]["frames"]).mean() < 8  # lossy
     again = write_world_shards(str(tmp_path / "b"), "val", 5, seed=3, samples_per_shard=3, pixels="npy", progress=False)
     first = write_world_shards(str(tmp_path / "c"), "val", 5, seed=3, samples_per_shard=3, pixels="npy", progress=False)
     assert [open(p, "rb").read() for p in again] == [open(p, "rb").read() for p in first]  # byte-identical shards
@@ -226,7 +227,6 @@ def test_cli_prompts_only_shards_feed_the_prompt_stream(tmp_path):
     for index, sample in enumerate(samples):
         assert set(sample) == {"__key__", "__url__", "txt", "json"}
         assert decode_prompt(sample)["prompt"] == caption(make_scene(0, "heldout", index))
-        assert decode_world_sample(sample).video is None
 
 
 def test_cli_help_names_the_options(capsys):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval.world_fvd import (
+from sf.world.fvd import (
     FVD_SCALE,
     ClassifierConfig,
     WorldClassifier,

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from launch import REPO, job_env, read_metrics, run_and_kill, run_train
-from sf.data.bank import SampleBank, decode_latent_sample
+from sf.data.bank import SampleBank
+from sf.data.latents import decode_latent_sample
 from sf.data.shards import ShardWriter
 
 LATENT = (3, 4, 4, 4)  # (F, C, h, w): the debug flavor's 4 channels
@@ -54,8 +55,9 @@ def test_bank_with_nothing_usable_names_the_shards(tmp_path):
         SampleBank(spec, decode_latent_sample)
 
 
-TEACHER_RUN = ["experiment=smoke", "task=teacher", "data.batch_size=1", "trainer.max_steps=4",
-               "trainer.checkpoint_every=2", "optim.generator.lr=1e-3", "flow.ema_decay=0.9", "flow.caption_dropout=0.5"]
+TEACHER_RUN = ["task=teacher", "+model.overrides.text_dim=64", "data.batch_size=1", "trainer.max_steps=4",
+               "trainer.checkpoint_every=2", "task.optim.teacher.lr=1e-3", "task.ema.decay=0.9",
+               "task.caption_dropout=0.5"]
 
 
 @pytest.mark.slow
@@ -76,6 +78,7 @@ def test_teacher_task_two_ranks_killed_and_resumed_matches_uninterrupted(tmp_pat
     assert fingerprints["start"]["teacher"] != fingerprints["end"]["teacher"]  # it trained
 
 
+@pytest.mark.slow
 def test_teacherless_tasks_do_not_ask_for_a_teacher_but_distill_does(tmp_path):
     result = subprocess.run([sys.executable, "-m", "sf.train", "task=distill", "data.shards=x.txt",
                              f"hydra.run.dir={tmp_path}"], cwd=REPO, env=job_env(), capture_output=True, text=True)
@@ -90,11 +93,11 @@ def test_vae_curriculum_cuts_many_short_windows_first_then_long_ones():
     (seed, position, step), so a resumed run cuts the same crops."""
     from types import SimpleNamespace
 
-    from sf.data.world import make_scene, render
+    from sf.world.scenes import make_scene, render
     from sf.tasks.vae import VaeJob
 
     vae = SimpleNamespace(curriculum=[[3, 1, 4], [2, 5, 2]], crop_frames=17, crop_size=48)
-    job = SimpleNamespace(cfg=SimpleNamespace(seed=0, vae=vae))
+    job = SimpleNamespace(cfg=SimpleNamespace(seed=0), task=vae)
     job.stage = lambda step: VaeJob.stage(job, step)
     assert [job.stage(step) for step in range(7)] == [(1, 4)] * 3 + [(5, 2)] * 2 + [(17, 1)] * 2
     frames = render(make_scene(0, "train", 0))
@@ -108,7 +111,7 @@ def test_vae_curriculum_cuts_many_short_windows_first_then_long_ones():
 def test_make_assets_quick_builds_every_asset_from_scratch(quick_assets):
     """`make assets` shortened: every recipe runs, every asset loads, provenance is recorded."""
     out, target = quick_assets / "build", quick_assets / "world"
-    from eval.world_fvd import load_classifier
+    from sf.world.fvd import load_classifier
     from sf.models.convert import load_dit
     from sf.models.vae import load_codec
 

@@ -11,18 +11,22 @@ Datasets too large for memory stream through `sf.data.prompts.PromptStream` inst
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import torch
 
-from sf.data.shards import CorruptSample, SkipCounter, decode_or_skip, decode_tensors, iter_samples, list_shards
+from sf.data.shards import (
+    CorruptSample,
+    SkipCounter,
+    decode_or_skip,
+    decode_pixels,
+    decode_text,
+    iter_samples,
+    list_shards,
+)
 from sf.rng import seed_for
-
-LATENT = "latent.safetensors"
 
 
 class SampleBank:
@@ -63,37 +67,12 @@ class SampleBank:
 # ----------------------------------------------------------------------------------------------------- decoders
 
 
-def _text(raw: dict[str, Any]) -> str:
-    if "txt" not in raw:
-        raise CorruptSample(f"sample {raw.get('__key__')!r} has no txt member")
-    try:
-        return bytes(raw["txt"]).decode("utf-8").strip()
-    except UnicodeDecodeError as exn:
-        raise CorruptSample(f"bad txt ({exn})") from exn
-
-
-def decode_latent_sample(raw: dict[str, Any]) -> dict[str, Any]:
-    """A latent shard sample -> {"key", "prompt", "latents" (F, C, h, w) fp32}."""
-    if LATENT not in raw:
-        raise CorruptSample(f"sample {raw.get('__key__')!r} has no {LATENT}")
-    latents = decode_tensors(raw[LATENT]).get("latents")
-    if latents is None or latents.ndim != 4:
-        raise CorruptSample(f"{LATENT} must hold 'latents' (F, C, h, w)")
-    latents = latents.float()
-    if not torch.isfinite(latents).all():
-        raise CorruptSample("latents contain inf or nan")
-    return {"key": raw["__key__"], "prompt": _text(raw), "latents": latents}
-
-
 def decode_pixel_sample(raw: dict[str, Any]) -> dict[str, Any]:
-    """A world pixel sample -> {"key", "prompt", "frames" uint8 (T, H, W, 3), "meta"} (kept as uint8: 4x smaller)."""
-    if "npy" not in raw:
-        raise CorruptSample(f"sample {raw.get('__key__')!r} has no npy member")
+    """A pixel sample (``npy`` or ``mp4``, ``txt``, ``json``) -> {"key", "prompt", "frames" uint8 (T, H, W, 3), "meta"}
+    (frames kept as uint8: 4x smaller than float)."""
+    frames = decode_pixels(raw)
     try:
-        frames = np.load(io.BytesIO(bytes(raw["npy"])), allow_pickle=False)
         meta = json.loads(bytes(raw["json"])) if "json" in raw else {}
-    except Exception as exn:  # truncated npy, bad json
-        raise CorruptSample(f"bad npy/json ({exn})") from exn
-    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
-        raise CorruptSample(f"pixels must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
-    return {"key": raw["__key__"], "prompt": _text(raw), "frames": frames, "meta": meta}
+    except ValueError as exn:  # bad json or utf-8
+        raise CorruptSample(f"bad json in {raw.get('__key__')!r} ({exn})") from exn
+    return {"key": raw["__key__"], "prompt": decode_text(raw).strip(), "frames": frames, "meta": meta}

@@ -1,16 +1,25 @@
 """Latent shards: the pixels of video shards (``npy``/``mp4`` + ``txt`` + ``json``) encoded once by a codec, so that
-training reads latents (``latent.safetensors``: {"latents": (F, C, h, w)}) instead of running the VAE every step."""
+training reads latents (``latent.safetensors``: {"latents": (F, C, h, w)}) instead of running the VAE every step.
+`cache_latents` writes them, `decode_latent_sample` reads one back."""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 
-from sf.data.shards import CorruptSample, ShardWriter, SkipCounter, decode_or_skip, iter_samples, list_shards
+from sf.data.shards import (
+    CorruptSample,
+    ShardWriter,
+    SkipCounter,
+    decode_or_skip,
+    decode_pixels,
+    decode_tensors,
+    decode_text,
+    iter_samples,
+    list_shards,
+)
 from sf.models.vae import VideoCodec, video_from_uint8
 
 LATENT_MEMBER = "latent.safetensors"  # shard member holding {"latents": (F, C, h, w)}
@@ -40,7 +49,7 @@ def cache_latents(
     prefix: str = "latents",
     sample: bool = False,
     latent_dtype: torch.dtype = torch.float16,
-    generator: torch.Generator | None = None,
+    rng: torch.Generator | None = None,
     progress: bool = True,
 ) -> CachedLatents:
     """Encode the pixels (``npy``, else ``mp4``) of video shards into ``<prefix>-%06d.tar`` latent shards.
@@ -64,7 +73,7 @@ def cache_latents(
 
     def flush(batch: list[_Clip], writer: ShardWriter) -> None:
         video = torch.stack([clip.video for clip in batch]).to(device)  # (B, T, 3, H, W)
-        latents = codec.encode(video, sample=sample, generator=generator).to(latent_dtype).cpu()  # (B, F, C, h, w)
+        latents = codec.encode(video, sample=sample, rng=rng).to(latent_dtype).cpu()  # (B, F, C, h, w)
         for clip, row in zip(batch, latents):
             writer.write({"__key__": clip.key, **clip.members, LATENT_MEMBER: {"latents": row}})
         batch.clear()
@@ -83,17 +92,19 @@ def cache_latents(
 
 def _decode_clip(raw: dict[str, Any]) -> _Clip:
     """Raw shard sample -> _Clip; CorruptSample on missing or bad pixels."""
-    try:
-        if "npy" in raw:
-            frames = np.load(io.BytesIO(bytes(raw["npy"])), allow_pickle=False)
-        elif "mp4" in raw:
-            from sf.data.world import decode_mp4
-
-            frames = decode_mp4(bytes(raw["mp4"]))
-        else:
-            raise ValueError("no npy or mp4 member")
-        video = video_from_uint8(frames)
-    except Exception as exn:  # bad npy/mp4 bytes, wrong dtype or layout
-        raise CorruptSample(f"bad pixels in {raw.get('__key__')!r}: {exn}") from exn
+    video = video_from_uint8(decode_pixels(raw))
     members = {name: bytes(raw[name]) for name in ("txt", "json") if name in raw}
     return _Clip(str(raw["__key__"]), members, video)
+
+
+def decode_latent_sample(raw: dict[str, Any]) -> dict[str, Any]:
+    """A latent shard sample -> {"key", "prompt", "latents" (F, C, h, w) fp32}; CorruptSample on bad data."""
+    if LATENT_MEMBER not in raw:
+        raise CorruptSample(f"sample {raw.get('__key__')!r} has no {LATENT_MEMBER}")
+    latents = decode_tensors(raw[LATENT_MEMBER]).get("latents")
+    if latents is None or latents.ndim != 4:
+        raise CorruptSample(f"{LATENT_MEMBER} must hold 'latents' (F, C, h, w)")
+    latents = latents.float()
+    if not torch.isfinite(latents).all():
+        raise CorruptSample("latents contain inf or nan")
+    return {"key": raw["__key__"], "prompt": decode_text(raw).strip(), "latents": latents}

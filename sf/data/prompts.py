@@ -21,7 +21,6 @@ a resumed slot re-reads its epoch and skips the consumed samples (cheap for prom
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import random
 import warnings
@@ -38,6 +37,7 @@ from sf.data.shards import (
     ShardWriter,
     SkipCounter,
     decode_tensors,
+    decode_text,
     iter_samples,
     list_shards,
     safe_decode,
@@ -136,13 +136,7 @@ def _cache_embeddings(
 
 def decode_prompt(sample: dict[str, Any]) -> dict[str, Any]:
     """Raw sample -> {"key", "prompt", ["features" (L, D), "mask" (L,)]}; raises CorruptSample on bad data."""
-    if "txt" not in sample:
-        raise CorruptSample("no txt member")
-    try:
-        prompt = bytes(sample["txt"]).decode("utf-8")
-    except UnicodeDecodeError as exn:
-        raise CorruptSample(f"txt is not utf-8 ({exn})") from exn
-    decoded = {"key": sample["__key__"], "prompt": prompt}
+    decoded = {"key": sample["__key__"], "prompt": decode_text(sample)}
     if EMBEDDING in sample:
         decoded["features"], decoded["mask"] = _check_embedding(decode_tensors(sample[EMBEDDING]))
     return decoded
@@ -179,6 +173,16 @@ def collate_prompts(samples: list[dict[str, Any]]) -> dict[str, Any]:
         mask[row, :n] = sample["mask"]
     batch["features"], batch["mask"] = features, mask
     return batch
+
+
+def prompt_features(encoder: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Text features (B, L, D) and mask (B, L) of a batch: its cached features when it carries them (fitted to the
+    encoder's `max_length`), else the encoder's features of its prompts."""
+    if "features" in batch:
+        from sf.models.text import fit_length
+
+        return fit_length(batch["features"], batch["mask"], encoder.max_length)
+    return encoder(batch["prompt"])
 
 
 # ----------------------------------------------------------------------------------------------------------- one slot
@@ -425,29 +429,3 @@ def _check_config(cfg: PromptDataConfig, rank: int, world_size: int) -> None:
         raise ValueError(f"data shuffle_buffer must be >= 0, got {cfg.shuffle_buffer}")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in a world of size {world_size}")
-
-
-# ----------------------------------------------------------------------------------------------------------- CLI
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Command line ``PROMPTS.txt OUT_DIR [options]``: one prompt per line into shards (optionally cached)."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("prompts", help="text file, one prompt per line (blank lines are skipped)")
-    parser.add_argument("out_dir")
-    parser.add_argument("--samples-per-shard", type=int, default=1000)
-    parser.add_argument("--clip-model", default=None, help="cache features of this open_clip text tower")
-    parser.add_argument("--clip-weights", default=None, help="local open_clip checkpoint (random init without)")
-    parser.add_argument("--max-length", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=64)
-    args = parser.parse_args(argv)
-    with open(args.prompts, encoding="utf-8") as f:
-        prompts = [line.strip() for line in f if line.strip()]
-    encoder = None
-    if args.clip_model:
-        from sf.models.text import OpenCLIPTextEncoder
-
-        encoder = OpenCLIPTextEncoder(args.clip_model, args.clip_weights, max_length=args.max_length)
-    paths = write_prompt_shards(prompts, args.out_dir, args.samples_per_shard, encoder, args.batch_size)
-    print(f"wrote {len(prompts)} prompts into {len(paths)} shards in {args.out_dir}")
-

@@ -9,6 +9,7 @@ place it happened, so a later decode step counts it like any corrupt sample and 
 from __future__ import annotations
 
 import glob
+import io
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 import webdataset as wds
 from safetensors.torch import load as safetensors_load
@@ -53,6 +55,43 @@ def decode_tensors(data: bytes) -> dict[str, torch.Tensor]:
         return safetensors_load(bytes(data))
     except Exception as exn:  # safetensors raises its own error types (and sometimes plain exceptions)
         raise CorruptSample(f"bad safetensors payload ({exn})") from exn
+
+
+def encode_npy(array: np.ndarray) -> bytes:
+    """Raw .npy bytes of an array (the payload of an ``npy`` member: exact pixels)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def decode_text(sample: dict[str, Any], member: str = "txt") -> str:
+    """A sample's utf-8 text member (the caption or prompt); CorruptSample when it is missing or not utf-8."""
+    if member not in sample:
+        raise CorruptSample(f"sample {sample.get('__key__')!r} has no {member} member")
+    try:
+        return bytes(sample[member]).decode("utf-8")
+    except UnicodeDecodeError as exn:
+        raise CorruptSample(f"{member} of {sample.get('__key__')!r} is not utf-8 ({exn})") from exn
+
+
+def decode_pixels(sample: dict[str, Any]) -> np.ndarray:
+    """The uint8 frames (T, H, W, 3) of a sample's ``npy`` member, else its ``mp4``; CorruptSample otherwise."""
+    try:
+        if "npy" in sample:
+            frames = np.load(io.BytesIO(bytes(sample["npy"])), allow_pickle=False)
+        elif "mp4" in sample:
+            from sf.video import decode_mp4
+
+            frames = decode_mp4(bytes(sample["mp4"]))
+        else:
+            raise CorruptSample(f"sample {sample.get('__key__')!r} has no npy or mp4 member")
+    except CorruptSample:
+        raise
+    except Exception as exn:  # truncated npy, undecodable mp4
+        raise CorruptSample(f"bad pixels in {sample.get('__key__')!r}: {exn}") from exn
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise CorruptSample(f"pixels must be uint8 (T, H, W, 3), got {frames.dtype} {frames.shape}")
+    return frames
 
 
 # ----------------------------------------------------------------------------------------------------------- writing

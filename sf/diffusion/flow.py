@@ -11,7 +11,6 @@ in at least fp32.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -127,84 +126,15 @@ def x0_to_flow(x_t: Tensor, x0: Tensor, sigma: SigmaLike) -> Tensor:
 # ---------------------------------------------------------------------------------------- training t
 
 
-def sample_dmd_timestep(
-    batch: int,
-    shift: float = DEFAULT_SHIFT,
-    min_ratio: float = 0.02,
-    max_ratio: float = 0.98,
-    generator: torch.Generator | None = None,
-    *,
-    num_frames: int | None = None,
-    device: torch.device | str | None = None,
-    num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
+def dmd_timestep(
+    u: Tensor, shift: float, min_ratio: float = 0.02, max_ratio: float = 0.98, low: float = 0.0, high: float = 1.0
 ) -> Tensor:
-    """One DMD-loss t per sample: shift(uniform[0, 1]) clamped to [min, max] * 1000; (B,) or (B, F) fp32."""
-    if batch < 1:
-        raise ValueError(f"batch must be >= 1, got {batch}")
+    """DMD/critic timesteps from uniform draws u in [0, 1): shift(low + (high - low) * u) clamped to
+    [min_ratio, max_ratio], times 1000 (fp32, u's shape). [low, high] = [0, 1] is the usual draw; the exit step's own
+    noise interval narrows it (the reference's `ts_schedule`)."""
     if not 0.0 <= min_ratio <= max_ratio <= 1.0:
         raise ValueError(f"need 0 <= min_ratio <= max_ratio <= 1, got {min_ratio} and {max_ratio}")
-    if num_frames is not None and num_frames < 1:
-        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
-    if device is None and generator is not None:
-        device = generator.device
-    u = torch.rand(batch, generator=generator, device=device, dtype=torch.float32)  # (B,)
-    sigma = shift_sigma(u, shift).clamp(min_ratio, max_ratio)
-    t = sigma_to_t(sigma, num_train_timesteps)  # (B,)
-    return t if num_frames is None else t[:, None].expand(batch, num_frames).contiguous()  # (B, F)
-
-
-# ---------------------------------------------------------------------------------------- schedule object
-
-
-@dataclass(frozen=True)
-class FlowSchedule:
-    """Bundle of the plain functions above bound to one shift and timestep scale."""
-
-    num_train_timesteps: int = NUM_TRAIN_TIMESTEPS
-    shift: float = DEFAULT_SHIFT
-
-    def __post_init__(self) -> None:
-        """Validate the fields."""
-        if self.num_train_timesteps < 1:
-            raise ValueError(f"num_train_timesteps must be >= 1, got {self.num_train_timesteps}")
-        if self.shift <= 0:
-            raise ValueError(f"shift must be > 0, got {self.shift}")
-
-    def shift_sigma(self, sigma: SigmaLike) -> SigmaLike:
-        """Shift sigma with this schedule's shift."""
-        return shift_sigma(sigma, self.shift)
-
-    def sigma_to_t(self, sigma: SigmaLike) -> SigmaLike:
-        """Network timestep for a noise level."""
-        return sigma_to_t(sigma, self.num_train_timesteps)
-
-    def t_to_sigma(self, t: SigmaLike) -> SigmaLike:
-        """Noise level for a network timestep."""
-        return t_to_sigma(t, self.num_train_timesteps)
-
-    def timesteps_table(self) -> Tensor:
-        """Shifted training table."""
-        return timesteps_table(self.shift, self.num_train_timesteps)
-
-    def warp_steps(self, steps: Sequence[int] | Tensor) -> Tensor:
-        """Warp a student step list to t values."""
-        return warp_steps(steps, self.shift, num_train_timesteps=self.num_train_timesteps)
-
-    def sample_dmd_timestep(
-        self,
-        batch: int,
-        min_ratio: float = 0.02,
-        max_ratio: float = 0.98,
-        generator: torch.Generator | None = None,
-        **kwargs,
-    ) -> Tensor:
-        """Sample DMD-loss timesteps with this schedule's shift."""
-        return sample_dmd_timestep(
-            batch, self.shift, min_ratio, max_ratio, generator, num_train_timesteps=self.num_train_timesteps, **kwargs
-        )
-
-    add_noise = staticmethod(add_noise)
-    x0_from_flow = staticmethod(x0_from_flow)
-    eps_from_flow = staticmethod(eps_from_flow)
-    flow_from_x0_noise = staticmethod(flow_from_x0_noise)
-    x0_to_flow = staticmethod(x0_to_flow)
+    if not 0.0 <= low <= high <= 1.0:
+        raise ValueError(f"need 0 <= low <= high <= 1, got {low} and {high}")
+    sigma = shift_sigma(low + (high - low) * u.float(), shift).clamp(min_ratio, max_ratio)
+    return sigma_to_t(sigma)

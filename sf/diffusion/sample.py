@@ -13,7 +13,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from sf.diffusion.flow import DEFAULT_SHIFT, NUM_TRAIN_TIMESTEPS, add_noise, shift_sigma, x0_from_flow
+from sf.diffusion.flow import DEFAULT_SHIFT, NUM_TRAIN_TIMESTEPS, add_noise, shift_sigma, t_to_sigma, x0_from_flow
+from sf.rng import Randomness, randn_like
 
 FlowNet = Callable[..., Tensor]
 DEFAULT_CFG_SCALE = 3.0  # real = cond + 3 * (cond - uncond), i.e. the usual guidance weight 4
@@ -141,24 +142,28 @@ def sample_few_step(
     noise: Tensor,
     timesteps: Sequence[float] | Tensor,
     *,
-    generator: torch.Generator | None = None,
-    cond: Mapping[str, Any] | None = None,
-    num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
+    rng: Randomness = None,
+    grad_last: bool = False,
 ) -> Tensor:
-    """DMD backward simulation: predict x0 at each t, re-noise with fresh noise to the next t; returns x0.
+    """DMD backward simulation: predict x0 at each t, re-noise it with fresh noise to the next t; returns the last x0.
 
-    ``timesteps`` are network t values (e.g. ``warp_steps([1000, 750, 500, 250], 5)``), strictly
-    decreasing in (0, 1000]. The network is called exactly ``len(timesteps)`` times.
+    ``net(x_t, t) -> flow`` with t per frame (B, F); ``timesteps`` are network t values (e.g. ``warp_steps([1000,
+    750, 500, 250], 5)``), strictly decreasing in (0, 1000]; the network is called exactly once per entry. Every
+    forward runs under no_grad except, with `grad_last`, the last one (the self-forcing exit step), so gradient
+    reaches the network through that forward alone. Fresh noise comes from `rng` (a torch.Generator or per-sample
+    streams). The self-forcing rollout runs this loop for every chunk, stopping at the chunk's exit step.
     """
     _check_latent(noise)
-    sigmas = _student_sigmas(timesteps, num_train_timesteps)
-    cond = dict(cond or {})
+    t_values = [float(t) for t in torch.as_tensor(timesteps, dtype=torch.float64).flatten()]
+    _student_sigmas(t_values, NUM_TRAIN_TIMESTEPS)  # validates the list
     x = noise  # (B, F, C, H, W)
-    for i, sigma in enumerate(sigmas):
-        x0 = _predict_x0(net, x, sigma, cond, num_train_timesteps)
-        if i + 1 < len(sigmas):
-            fresh = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = add_noise(x0, fresh, sigmas[i + 1])
+    for i, t in enumerate(t_values):
+        last = i + 1 == len(t_values)
+        t_frames = torch.full(x.shape[:2], t, dtype=torch.float32, device=x.device)  # (B, F)
+        with torch.set_grad_enabled(grad_last and last and torch.is_grad_enabled()):
+            x0 = x0_from_flow(x, net(x, t_frames), t_to_sigma(t))
+        if not last:
+            x = add_noise(x0, randn_like(x, rng), t_to_sigma(t_values[i + 1]))
     return x0
 
 

@@ -3,7 +3,7 @@
 Score callables are x0 predictors ``score(x_t, t) -> x0`` on latents (B, F, C, H, W) with t of shape (B,)
 or (B, F) in [0, 1000]; `x0_predictor` builds one from a flow network ``net(x, t, context)`` (with optional
 classifier-free guidance). Flow callables ``flow(x_t, t) -> v`` predict ``v = noise - x0``. The caller
-draws t (e.g. `sf.diffusion.sample_dmd_timestep`) and the noise, so the losses themselves are deterministic.
+draws t (e.g. `sf.diffusion.dmd_timestep`) and the noise, so the losses themselves are deterministic.
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def ode_regression_loss(
     clean: Tensor,
     context: Any,
     causal: CausalConfig,
-    generator: torch.Generator | None = None,
+    rng: torch.Generator | None = None,
 ) -> Tensor:
     """Regress the causal student onto teacher ODE pairs.
 
@@ -196,8 +196,8 @@ def ode_regression_loss(
 
     chunk_of_frame = torch.arange(num_frames, device=trajectory.device) // causal.frames_per_block  # (F,)
     num_chunks = int(chunk_of_frame[-1]) + 1
-    device = generator.device if generator is not None else None
-    chunk_step = torch.randint(0, num_steps, (batch, num_chunks), generator=generator, device=device)
+    device = rng.device if rng is not None else None
+    chunk_step = torch.randint(0, num_steps, (batch, num_chunks), generator=rng, device=device)
     step = chunk_step.to(trajectory.device)[:, chunk_of_frame]  # (B, F): one step index per chunk
     frames = torch.arange(num_frames, device=trajectory.device)
     x = trajectory[torch.arange(batch, device=trajectory.device)[:, None], step, frames[None]]  # (B, F, C, H, W)

@@ -1,36 +1,27 @@
-"""ODE pairs for the student's regression init (DESIGN.md section 5, "ODE init"): write them, read them back.
+"""ODE pairs for the student's regression init: write them, read them back.
 
 The teacher integrates its guided flow ODE from noise with many steps (48, shift 8, CFG) and the latents are
 kept at the sigmas of the student's step list, sigma = 1 (the initial noise) first. One webdataset sample per
-prompt (DESIGN.md section 8):
+prompt:
 
     txt                 the prompt
     json                {"index", "seed", "sigmas", "num_steps", "shift", "cfg_scale", "negative_prompt"}
     ode.safetensors     {"trajectory": (K, F, C, H, W), "clean": (F, C, H, W), "sigmas": (K,) fp32}
 
-`iter_ode_batches` reads them back as ``{"key", "prompt", "trajectory" (B, K, F, C, H, W) fp32, "clean"
-(B, F, C, H, W) fp32, "sigmas" (K,), "num_skipped"}``, the inputs of `ode_regression_loss`.
+`decode_ode_sample` reads one back (``task=ode`` holds them in a `sf.data.bank.SampleBank`): the inputs of
+`ode_regression_loss`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from sf.data.shards import (
-    CorruptSample,
-    ShardWriter,
-    SkipCounter,
-    decode_tensors,
-    iter_samples,
-    list_shards,
-    safe_decode,
-)
+from sf.data.shards import CorruptSample, ShardWriter, decode_tensors, decode_text
 from sf.diffusion.flow import NUM_TRAIN_TIMESTEPS
 from sf.diffusion.sample import guided_net, sample_teacher
 from sf.rng import SampleNoise, seed_for
@@ -135,11 +126,11 @@ def decode_ode_sample(sample: dict[str, Any]) -> dict[str, Any]:
     """
     if "txt" not in sample or ODE not in sample:
         raise CorruptSample(f"an ODE sample needs txt and {ODE}, got {sorted(sample)}")
+    prompt = decode_text(sample)
     try:
-        prompt = bytes(sample["txt"]).decode("utf-8")
         meta = json.loads(bytes(sample["json"])) if "json" in sample else {}
-    except (UnicodeDecodeError, json.JSONDecodeError) as exn:
-        raise CorruptSample(f"bad txt/json ({exn})") from exn
+    except ValueError as exn:  # bad json or utf-8
+        raise CorruptSample(f"bad json ({exn})") from exn
     tensors = decode_tensors(sample[ODE])
     trajectory, clean, sigmas = (tensors.get(name) for name in ("trajectory", "clean", "sigmas"))
     if trajectory is None or clean is None or sigmas is None:
@@ -152,43 +143,3 @@ def decode_ode_sample(sample: dict[str, Any]) -> dict[str, Any]:
         raise CorruptSample("trajectory or clean contains inf or nan")
     return {"key": sample["__key__"], "prompt": prompt, "meta": meta, "trajectory": trajectory, "clean": clean,
             "sigmas": sigmas}
-
-
-def collate_ode(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack decoded ODE samples; they must share the sigma list."""
-    sigmas = samples[0]["sigmas"]
-    for sample in samples[1:]:
-        if not torch.equal(sample["sigmas"], sigmas):
-            raise ValueError(f"ODE samples {samples[0]['key']!r} and {sample['key']!r} have different sigmas: "
-                             f"{sigmas.tolist()} vs {sample['sigmas'].tolist()}")
-    return {
-        "key": [s["key"] for s in samples],
-        "prompt": [s["prompt"] for s in samples],
-        "trajectory": torch.stack([s["trajectory"] for s in samples]),  # (B, K, F, C, H, W)
-        "clean": torch.stack([s["clean"] for s in samples]),  # (B, F, C, H, W)
-        "sigmas": sigmas,  # (K,)
-    }
-
-
-def iter_ode_batches(
-    shards: str | os.PathLike | Iterable[str], batch_size: int, skipped: SkipCounter | None = None
-) -> Iterator[dict[str, Any]]:
-    """One pass over ODE shards in order, in batches (the last may be short); corrupt samples counted and skipped.
-
-    Each batch carries ``num_skipped``, the corrupt samples skipped so far (also in `skipped` when given).
-    """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    skipped = skipped if skipped is not None else SkipCounter()
-    pending: list[dict[str, Any]] = []
-    spec = os.fspath(shards) if isinstance(shards, os.PathLike) else shards
-    for raw in iter_samples(list_shards(spec)):
-        decoded = safe_decode(raw, decode_ode_sample, skipped)
-        if decoded is None:
-            continue
-        pending.append(decoded)
-        if len(pending) == batch_size:
-            yield {**collate_ode(pending), "num_skipped": skipped.count}
-            pending = []
-    if pending:
-        yield {**collate_ode(pending), "num_skipped": skipped.count}

@@ -1,6 +1,6 @@
 """Autoregressive rollouts of the causal student over its KV cache: self-forcing training and streaming inference.
 
-Every rollout runs the same per-chunk loop (DESIGN.md section 5):
+Every rollout runs the same per-chunk loop (`sf.diffusion.sample.sample_few_step` up to the chunk's exit step):
 
   x = this chunk's noise
   for step in 0 .. exit_step:                     # steps before the exit run under no_grad
@@ -33,8 +33,8 @@ from sf.diffusion.flow import (
     add_noise,
     t_to_sigma,
     warp_steps,
-    x0_from_flow,
 )
+from sf.diffusion.sample import sample_few_step
 from sf.models.attention import CausalConfig, KVCache
 from sf.rng import Randomness, SampleNoise, randint_per_sample, randn_like
 
@@ -117,14 +117,14 @@ class RolloutOutput:
     denoised_to: float
 
 
-def draw_exit_steps(cfg: RolloutConfig, num_chunks: int, generator: torch.Generator | None = None) -> Tensor:
-    """Exit step index in [0, num_steps) per chunk (num_chunks,) long, on the generator's device."""
+def draw_exit_steps(cfg: RolloutConfig, num_chunks: int, rng: torch.Generator | None = None) -> Tensor:
+    """Exit step index in [0, num_steps) per chunk (num_chunks,) long, on the rng's device."""
     if num_chunks < 1:
         raise ValueError(f"num_chunks must be >= 1, got {num_chunks}")
-    device = _gen_device(generator)
+    device = _gen_device(rng)
     if cfg.last_step_only:
         return torch.full((num_chunks,), cfg.num_steps - 1, dtype=torch.long, device=device)
-    exit_steps = torch.randint(0, cfg.num_steps, (num_chunks,), generator=generator, device=device)
+    exit_steps = torch.randint(0, cfg.num_steps, (num_chunks,), generator=rng, device=device)
     return exit_steps[:1].expand(num_chunks).clone() if cfg.same_exit_across_blocks else exit_steps
 
 
@@ -138,19 +138,19 @@ def self_forcing_rollout(
     context: Any,
     cfg: RolloutConfig,
     *,
-    generator: Randomness = None,
+    rng: Randomness = None,
     sync: Sync = identity,
-    exit_generator: torch.Generator | None = None,
+    exit_rng: torch.Generator | None = None,
 ) -> RolloutOutput:
     """Training rollout: each chunk is generated from the student's own earlier clean outputs in the cache.
 
     `noise` (B, F, C, H, W) with F = cfg.num_frames. The exit steps are drawn once, passed through `sync`
     (the trainer broadcasts them from rank 0 so every rank runs the same number of forwards) and used as
-    returned. Gradient reaches the generator only through each chunk's exit-step forward (chunks starting in
+    returned. Gradient reaches the rng only through each chunk's exit-step forward (chunks starting in
     the last `grad_window_frames` frames); the cache is written under no_grad unless `cfg.context_grad`.
     Under an enclosing torch.no_grad (the critic's rollout) nothing records gradient.
     """
-    return _training_rollout(net, new_cache, noise, context, cfg, generator, exit_generator, sync, _own_output(cfg, generator))
+    return _training_rollout(net, new_cache, noise, context, cfg, rng, exit_rng, sync, _own_output(cfg, rng))
 
 
 def teacher_forcing_rollout(
@@ -161,14 +161,14 @@ def teacher_forcing_rollout(
     context: Any,
     cfg: RolloutConfig,
     *,
-    generator: Randomness = None,
+    rng: Randomness = None,
     sync: Sync = identity,
-    exit_generator: torch.Generator | None = None,
+    exit_rng: torch.Generator | None = None,
 ) -> RolloutOutput:
     """Baseline: each chunk is generated as in self forcing, but the cache holds the real clean chunks."""
     _check_same_shape(real_latents, noise)
-    return _training_rollout(net, new_cache, noise, context, cfg, generator, exit_generator, sync,
-                             _real_context(cfg, real_latents, generator, noised=False))
+    return _training_rollout(net, new_cache, noise, context, cfg, rng, exit_rng, sync,
+                             _real_context(cfg, real_latents, rng, noised=False))
 
 
 def diffusion_forcing_rollout(
@@ -179,14 +179,14 @@ def diffusion_forcing_rollout(
     context: Any,
     cfg: RolloutConfig,
     *,
-    generator: Randomness = None,
+    rng: Randomness = None,
     sync: Sync = identity,
-    exit_generator: torch.Generator | None = None,
+    exit_rng: torch.Generator | None = None,
 ) -> RolloutOutput:
     """Baseline: the cache holds real chunks noised independently, each (per sample) to a random step's t."""
     _check_same_shape(real_latents, noise)
-    return _training_rollout(net, new_cache, noise, context, cfg, generator, exit_generator, sync,
-                             _real_context(cfg, real_latents, generator, noised=True))
+    return _training_rollout(net, new_cache, noise, context, cfg, rng, exit_rng, sync,
+                             _real_context(cfg, real_latents, rng, noised=True))
 
 
 def _training_rollout(
@@ -195,8 +195,8 @@ def _training_rollout(
     noise: Tensor,
     context: Any,
     cfg: RolloutConfig,
-    generator: Randomness,
-    exit_generator: Randomness,
+    rng: Randomness,
+    exit_rng: Randomness,
     sync: Sync,
     context_of: ContextFn,
 ) -> RolloutOutput:
@@ -206,9 +206,9 @@ def _training_rollout(
     if num_frames != cfg.num_frames:
         raise ValueError(f"noise has {num_frames} frames, the rollout config expects num_frames={cfg.num_frames}")
     bounds = cfg.causal.chunk_bounds(num_frames)
-    if exit_generator is None and isinstance(generator, SampleNoise):
-        raise ValueError("per-sample noise needs an exit_generator: the exit steps are drawn once per rollout")
-    drawn = draw_exit_steps(cfg, len(bounds), exit_generator if exit_generator is not None else generator)
+    if exit_rng is None and isinstance(rng, SampleNoise):
+        raise ValueError("per-sample noise needs an exit_rng: the exit steps are drawn once per rollout")
+    drawn = draw_exit_steps(cfg, len(bounds), exit_rng if exit_rng is not None else rng)
     exit_steps = sync(drawn.to(noise.device)).to(noise.device)
     if exit_steps.shape != (len(bounds),):
         raise ValueError(f"sync returned exit steps of shape {tuple(exit_steps.shape)}, expected ({len(bounds)},)")
@@ -220,7 +220,7 @@ def _training_rollout(
     with_grad = [torch.is_grad_enabled() and start >= window_start for start, _ in bounds]
     counted = _Counted(net)
     cache = new_cache(cfg.causal, keep_grad=cfg.context_grad)
-    chunks = _chunk_loop(counted, cache, noise, context, cfg, exits, with_grad, context_of, generator)
+    chunks = _chunk_loop(counted, cache, noise, context, cfg, exits, with_grad, context_of, rng)
     video = torch.cat(list(chunks), dim=1)  # (B, F, C, H, W)
 
     timesteps = cfg.timesteps(noise.device)
@@ -238,7 +238,7 @@ def stream_chunks(
     context: Any,
     cfg: RolloutConfig,
     *,
-    generator: Randomness = None,
+    rng: Randomness = None,
 ) -> Iterator[Tensor]:
     """Streaming inference: yield each chunk's clean latents (B, f, C, H, W) as soon as it is denoised.
 
@@ -250,7 +250,7 @@ def stream_chunks(
     exits = [cfg.num_steps - 1] * num_chunks
     cache = new_cache(cfg.causal, keep_grad=False)
     yield from _chunk_loop(net, cache, noise, context, cfg, exits, [False] * num_chunks,
-                           _own_output(cfg, generator), generator)
+                           _own_output(cfg, rng), rng)
 
 
 def generate(
@@ -260,10 +260,10 @@ def generate(
     context: Any,
     cfg: RolloutConfig,
     *,
-    generator: Randomness = None,
+    rng: Randomness = None,
 ) -> Tensor:
     """Inference: the whole video (B, F, C, H, W) from noise, chunk by chunk over the cache, all steps."""
-    return torch.cat(list(stream_chunks(net, new_cache, noise, context, cfg, generator=generator)), dim=1)
+    return torch.cat(list(stream_chunks(net, new_cache, noise, context, cfg, rng=rng)), dim=1)
 
 
 # ----------------------------------------------------------------------------------------------- the loop
@@ -278,59 +278,52 @@ def _chunk_loop(
     exit_steps: list[int],
     with_grad: list[bool],
     context_of: ContextFn,
-    generator: Randomness,
+    rng: Randomness,
 ) -> Iterator[Tensor]:
     """Denoise chunk after chunk, yield each output, then write what `context_of` gives into the cache.
 
-    Grad mode is set around each forward only (never across a yield), so a consumer of this generator
+    Grad mode is set around each forward only (never across a yield), so a consumer of this Python generator
     never runs in a grad mode it did not choose.
     """
     timesteps = cfg.timesteps(noise.device).tolist()
-    sigmas = [t_to_sigma(t) for t in timesteps]
-    batch = noise.shape[0]
     for chunk, (start, end) in enumerate(cfg.causal.chunk_bounds(noise.shape[1])):
-        exit_step, grad = exit_steps[chunk], with_grad[chunk]
-        x = noise[:, start:end]  # (B, f, C, H, W)
-        for step in range(exit_step + 1):
-            t = _frame_t(timesteps[step], batch, end - start, noise.device)  # (B, f)
-            with torch.set_grad_enabled(grad and step == exit_step):
-                x0 = x0_from_flow(x, net(x, t, context, cache=cache), sigmas[step])
-            if step < exit_step:
-                fresh = randn_like(x, generator)
-                x = add_noise(x0, fresh, sigmas[step + 1])
+        exit_step = exit_steps[chunk]
+        student = lambda x, t: net(x, t, context, cache=cache)  # noqa: E731  (this chunk over the cache)
+        x0 = sample_few_step(student, noise[:, start:end], timesteps[:exit_step + 1], rng=rng,
+                             grad_last=with_grad[chunk])  # (B, f, C, H, W)
         yield x0
         x_ctx, t_ctx = context_of(start, end, x0)
-        with torch.set_grad_enabled(grad and cfg.context_grad):
+        with torch.set_grad_enabled(with_grad[chunk] and cfg.context_grad):
             net(x_ctx, t_ctx, context, cache=cache, update_cache=True)
 
 
-def _own_output(cfg: RolloutConfig, generator: Randomness) -> ContextFn:
+def _own_output(cfg: RolloutConfig, rng: Randomness) -> ContextFn:
     """Self forcing / inference: the chunk's own clean output, noised to `context_noise` when it is > 0."""
 
     def context_of(start: int, end: int, output: Tensor) -> tuple[Tensor, Tensor]:
         """Cache input for the chunk [start, end)."""
         t = _frame_t(cfg.context_noise, output.shape[0], end - start, output.device)
         if cfg.context_noise > 0:
-            fresh = randn_like(output, generator)
+            fresh = randn_like(output, rng)
             output = add_noise(output, fresh, t_to_sigma(cfg.context_noise))
         return output, t
 
     return context_of
 
 
-def _real_context(cfg: RolloutConfig, real: Tensor, generator: Randomness, noised: bool) -> ContextFn:
+def _real_context(cfg: RolloutConfig, real: Tensor, rng: Randomness, noised: bool) -> ContextFn:
     """Teacher forcing (real chunk as the own output would be) or diffusion forcing (real chunk at a random step)."""
     if not noised:
-        own = _own_output(cfg, generator)
+        own = _own_output(cfg, rng)
         return lambda start, end, output: own(start, end, real[:, start:end])
     step_t = cfg.timesteps(real.device)
 
     def context_of(start: int, end: int, output: Tensor) -> tuple[Tensor, Tensor]:
         """The real chunk noised per sample to the t of a uniformly drawn denoising step."""
         chunk = real[:, start:end]
-        step = randint_per_sample(cfg.num_steps, chunk.shape[0], generator, real.device)
+        step = randint_per_sample(cfg.num_steps, chunk.shape[0], rng, real.device)
         t = step_t[step.to(real.device)]  # (B,)
-        fresh = randn_like(chunk, generator)
+        fresh = randn_like(chunk, rng)
         return add_noise(chunk, fresh, t_to_sigma(t)), t[:, None].expand(-1, end - start).contiguous()
 
     return context_of
@@ -368,9 +361,9 @@ def _denoised_range(cfg: RolloutConfig, timesteps: Tensor, exit_step: int) -> tu
     return round(unshifted(float(timesteps[exit_step])), 3), round(to, 3)  # fp32 table: ~1e-5 off the steps
 
 
-def _gen_device(generator: torch.Generator | None) -> torch.device | None:
-    """Device random draws must be made on to use `generator`."""
-    return generator.device if generator is not None else None
+def _gen_device(rng: torch.Generator | None) -> torch.device | None:
+    """Device random draws must be made on to use `rng`."""
+    return rng.device if rng is not None else None
 
 
 def _check_latent(x: Tensor) -> None:

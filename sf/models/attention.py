@@ -121,7 +121,7 @@ class KVCache:
     Keys are stored after RoPE, so a chunk only needs its own absolute frame index. Storage is functional:
     a write replaces the stored tensors (concatenate, then drop what no future chunk can see) and never
     modifies a tensor in place, so no autograd graph that read the cache is invalidated. Writes detach unless
-    `keep_grad` (for studying gradients through the context; see DESIGN.md section 5).
+    `keep_grad` (a study option: gradient through the context to earlier chunks, `RolloutConfig.context_grad`).
     """
 
     causal: CausalConfig
@@ -146,14 +146,6 @@ class KVCache:
     @property
     def num_cached_frames(self) -> int:
         return len(self.frames)
-
-    def reset(self, keep_text: bool = False) -> None:
-        """Forget all frames (a new video); keep the text K/V only when the prompts stay the same."""
-        self.keys = [None] * self.num_layers
-        self.values = [None] * self.num_layers
-        self.frames = []
-        if not keep_text:
-            self.text = [None] * self.num_layers
 
     def visible_slice(self, chunk_end: int) -> list[slice]:
         """Token slices of the cache visible to a chunk ending at `chunk_end` (sink prefix, then recent frames)."""

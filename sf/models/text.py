@@ -19,8 +19,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import sf  # noqa: F401  (torchvision fix before open_clip is imported)
-
 TINY_CLIP = "sf-tiny-clip"
 
 # Our open_clip architectures (open_clip's JSON config format); registered on first use.
@@ -68,10 +66,6 @@ class TextEncoder(nn.Module):
     @property
     def feature_dim(self) -> int:
         raise NotImplementedError
-
-    def encode_batch(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features for a PromptStream batch."""
-        return self(batch["prompt"])
 
     def train(self, mode: bool = True) -> TextEncoder:
         """Stay in eval mode whatever the parent module does: the encoder is frozen."""
@@ -193,12 +187,6 @@ class CachedTextEncoder(TextEncoder):
         else:
             features, mask = _pad_rows([self.table[prompt] for prompt in prompts])
         return fit_length(features, mask, self.max_length)
-
-    def encode_batch(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch's cached features when it has them, else `forward(batch["prompt"])`."""
-        if "features" in batch:
-            return fit_length(batch["features"], batch["mask"], self.max_length)
-        return self(batch["prompt"])
 
 
 def _unbatched(features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

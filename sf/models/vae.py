@@ -8,7 +8,7 @@
   IdentityCodec  latents = pixels (for tests of code that only needs *a* codec)
 
 Named Wan configs live in `WAN_VAE_CONFIGS`: ``world`` (tiny, trained on the embedded world by the project's
-recipe via `vae_loss`) and ``wan2.1`` (the released VAE's layout and latent statistics). Facts about diffusers'
+recipe, `task=vae`) and ``wan2.1`` (the released VAE's layout and latent statistics). Facts about diffusers'
 implementation that shape this module:
   - its encoder runs frame 0, then chunks of 4 frames, carrying a feature cache between chunks: a clip whose length
     is not 1 + 4k loses its last frames silently, so we refuse such clips;
@@ -33,7 +33,6 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-import sf  # noqa: F401  (torchvision fix before diffusers is imported)
 from sf.io import read_safetensors
 
 _FORMAT_KEY = "sf_codec"  # safetensors metadata: the codec kind; its presence marks a codec file
@@ -107,7 +106,7 @@ class VideoCodec(nn.Module):
 
     # ---- what subclasses provide
 
-    def encode_raw(self, video: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None):
+    def encode_raw(self, video: torch.Tensor, sample: bool = False, rng: torch.Generator | None = None):
         """Unnormalised latents (B, F, C, h, w) of a checked video (B, T, 3, H, W)."""
         raise NotImplementedError
 
@@ -122,11 +121,11 @@ class VideoCodec(nn.Module):
     # ---- the interface
 
     def encode(
-        self, video: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
+        self, video: torch.Tensor, sample: bool = False, rng: torch.Generator | None = None
     ) -> torch.Tensor:
         """Normalised latents (B, F, C, h, w) of a video (B, T, 3, H, W); the posterior mean unless `sample`."""
         self.check_video(video)
-        return self.normalize(self.encode_raw(video, sample=sample, generator=generator))
+        return self.normalize(self.encode_raw(video, sample=sample, rng=rng))
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Video (B, T, 3, H, W) in [-1, 1] of normalised latents (B, F, C, h, w)."""
@@ -296,9 +295,9 @@ class WanVAE(VideoCodec):
         dist = self._distribution(video)
         return _to_ours(dist.mean), _to_ours(dist.logvar)
 
-    def encode_raw(self, video, sample=False, generator=None):
+    def encode_raw(self, video, sample=False, rng=None):
         dist = self._distribution(video)
-        return _to_ours(dist.sample(generator=generator) if sample else dist.mode())
+        return _to_ours(dist.sample(generator=rng) if sample else dist.mode())
 
     def decode_raw(self, z: torch.Tensor, clamp: bool = True) -> torch.Tensor:
         """Video (B, T, 3, H, W) of unnormalised latents; ``clamp=False`` skips diffusers' final clamp to [-1, 1]."""
@@ -375,7 +374,7 @@ class IdentityCodec(VideoCodec):
     def __init__(self, latents_mean: Iterable[float] | None = None, latents_std: Iterable[float] | None = None):
         super().__init__(3, 1, 1, latents_mean, latents_std)
 
-    def encode_raw(self, video, sample=False, generator=None):
+    def encode_raw(self, video, sample=False, rng=None):
         return video
 
     def decode_raw(self, z):
@@ -453,78 +452,3 @@ def load_codec(path: str | Path, device: torch.device | str = "cpu") -> VideoCod
                          f"({len(details) - 1} problems)") from None
     codec.set_latent_stats(codec.latents_mean, codec.latents_std)  # validates them, syncs diffusers' config
     return codec.to(device)
-
-
-# ------------------------------------------------------------------------------------------------------ training
-
-
-def foreground_mask(video: torch.Tensor, threshold: float = 0.2) -> torch.Tensor:
-    """(B, T, 1, H, W) True where a pixel is away from its clip's background, for a video (B, T, 3, H, W) in
-    [-1, 1]: the background is the per-channel median of the clip (the colour of most of its pixels), and a
-    pixel is foreground when its L1 colour distance to it exceeds `threshold` (0.2 ~ 25/255 over the channels)."""
-    b, t, c, h, w = video.shape
-    background = video.float().transpose(1, 2).reshape(b, c, -1).median(dim=2).values  # (B, 3)
-    return (video.float() - background[:, None, :, None, None]).abs().sum(2, keepdim=True) > threshold
-
-
-def vae_loss(
-    codec: WanVAE, video: torch.Tensor, kl_weight: float = 1e-6, generator: torch.Generator | None = None,
-    sample: bool = True, foreground_weight: float = 0.0, l2_weight: float = 0.0,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """L1 reconstruction of a posterior sample (+ optional weights and squared error, below) plus `kl_weight` x
-    KL to N(0, 1), for a video (B, T, 3, H, W).
-
-    ``sample=False`` decodes the posterior mean instead: a fresh VAE's posterior is close to N(0, 1) (its mean
-    is small, its variance 1), so a sample is mostly noise and the decoder learns little until the encoder has
-    shrunk the variance — hundreds of steps that a CPU-sized recipe does not have. The KL term still bounds
-    the latents.
-
-    ``foreground_weight`` w > 0 weighs each pixel away from its clip's background (`foreground_mask`) 1 + w
-    times a background pixel in the L1 mean. On sparse scenes (the world's objects are ~5 % of the pixels) the
-    plain L1's optimum is the background everywhere — its median — and a small VAE sits there for hundreds of
-    steps decoding no objects at all; weighting the few foreground pixels makes them matter from the start
-    (measured in docs/benchmarks.md). ``l2_weight`` adds that many times the (equally weighted) squared error:
-    its gradient grows with the error, so wrong colours — the largest errors once objects are in place — are
-    corrected sooner than under L1's constant-size gradient.
-
-    As in LDM (whose kl_weight 1e-6 this keeps), both terms are sums per video; here both are divided by the
-    number of pixel values, so the loss reads as a per-pixel L1 error. The decode skips diffusers' clamp so that
-    overshooting pixels still get a gradient. Returns the fp32 loss and detached stats (``vae_fg_psnr``: the
-    PSNR over foreground pixels alone, the number that says whether objects are being learned).
-    """
-    if not isinstance(codec, WanVAE):
-        raise TypeError(f"vae_loss trains a WanVAE, got {type(codec).__name__}")
-    if foreground_weight < 0 or l2_weight < 0:
-        raise ValueError(f"foreground_weight and l2_weight must be >= 0, got {foreground_weight} and {l2_weight}")
-    mean, logvar = codec.posterior(video)  # (B, F, C, h, w) each
-    mean, logvar = mean.float(), logvar.float()
-    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    z = mean + torch.exp(0.5 * logvar) * noise if sample else mean
-    recon = codec.decode_raw(z, clamp=False).float()  # (B, T, 3, H, W)
-    error = recon - video.float()
-    foreground = foreground_mask(video)
-    per_value = error.abs() + l2_weight * error.square() if l2_weight > 0 else error.abs()
-    if foreground_weight > 0:
-        weight = 1.0 + foreground_weight * foreground.float()  # (B, T, 1, H, W), broadcast over channels
-        reconstruction = (weight * per_value).sum() / (weight.sum() * video.shape[2])
-    else:
-        reconstruction = per_value.mean()
-    kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar)  # (B, F, C, h, w)
-    loss = reconstruction + kl_weight * kl.sum() / video.numel()
-    with torch.no_grad():
-        squared = (recon.clamp(-1, 1) - video.float()).square()  # of what `decode` returns
-        fg = foreground.expand_as(squared)
-        fg_mse = squared[fg].mean() if bool(fg.any()) else squared.new_tensor(float("nan"))
-        stats = {
-            "vae_loss": loss.detach(),
-            "vae_l1": error.abs().mean().detach(),
-            "vae_psnr": _psnr(squared.mean()),
-            "vae_fg_psnr": _psnr(fg_mse),
-            "vae_kl": kl.mean(),  # per latent value
-            "vae_latent_std": mean.std(),
-        }
-    return loss, stats
-
-
-def _psnr(mse: torch.Tensor) -> torch.Tensor:
-    return 10 * torch.log10(4.0 / mse.clamp_min(1e-10))  # values in [-1, 1]: peak-to-peak range 2

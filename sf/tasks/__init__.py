@@ -5,30 +5,34 @@
     ode       teacher ODE pairs at the student's sigmas, then causal regression (the student's init)
     vae       a Wan VAE on pixels (the codec of the latents everything else uses)
 
-A task is a `Job`: it builds its networks as DeepSpeed engines and its data, and runs one optimisation step;
-the runner (`sf.train.train`) owns everything else: resume, warm-up, logging, checkpoints, preemption.
+Each task is one file, `sf/tasks/<name>.py`: its config dataclass (the `task` section of the config, selected by
+`task=<name>` through `conf/task/<name>.yaml`) and its `Job`, which builds its roles through the engine seam
+(`sf.distributed`) and its data, and runs one optimisation step. The runner (`sf.train.train`) owns everything
+else: resume, LR schedule, logging, checkpoints, preemption. Adding a task: docs/architecture.md.
 """
 
 from __future__ import annotations
 
-from sf.tasks.base import Job, JobContext
+from sf.tasks.base import Job, Runtime
+from sf.tasks.distill import DistillJob, DistillTask
+from sf.tasks.ode import OdeJob, OdeTask
+from sf.tasks.teacher import TeacherJob, TeacherTask
+from sf.tasks.vae import VaeJob, VaeTask
+
+# name -> (config schema, job); the name is `task=<name>` and the schema's `name` field
+TASKS: dict[str, tuple[type, type[Job]]] = {
+    "distill": (DistillTask, DistillJob),
+    "teacher": (TeacherTask, TeacherJob),
+    "ode": (OdeTask, OdeJob),
+    "vae": (VaeTask, VaeJob),
+}
 
 
-def make_job(cfg, ctx: JobContext) -> Job:
+def make_job(cfg, runtime: Runtime) -> Job:
     """The job of `cfg.task`."""
-    if cfg.task == "distill":
-        from sf.tasks.distill import DistillJob as job_class
-    elif cfg.task == "teacher":
-        from sf.tasks.teacher import TeacherJob as job_class
-    elif cfg.task == "ode":
-        from sf.tasks.ode import OdeJob as job_class
-    elif cfg.task == "vae":
-        from sf.tasks.vae import VaeJob as job_class
-    else:
-        from sf.config import TASKS
-
-        raise ValueError(f"unknown task {cfg.task!r}; choose from {', '.join(TASKS)}")
-    return job_class(cfg, ctx)
+    if cfg.task.name not in TASKS:
+        raise ValueError(f"unknown task {cfg.task.name!r}; the known tasks are {', '.join(sorted(TASKS))}")
+    return TASKS[cfg.task.name][1](cfg, runtime)
 
 
-__all__ = ["Job", "JobContext", "make_job"]
+__all__ = ["TASKS", "Job", "Runtime", "make_job"]

@@ -1,21 +1,26 @@
-"""What every task shares: the `Job` interface, its context, and building networks, text and codecs from config."""
+"""What every task shares: the `Job` interface, its runtime, the EMA config, and building networks, text and codecs."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from sf import distributed
-from sf.config import RANDOM_INIT, NetConfig, TrainConfig
+from sf.config import RANDOM_INIT, NetConfig
+from sf.distributed import EMA, RoleSpec, Trainable
 from sf.models.convert import check_state_dict, load_dit, save_state_dict
 from sf.models.dit import VideoDiT, dit_config
 
+if TYPE_CHECKING:
+    from sf.config import TrainConfig
+    from sf.data.bank import SampleBank
+
 
 @dataclass
-class JobContext:
+class Runtime:
     """What the runner hands a job: the process group, where to write, the compute dtype, DeepSpeed's config."""
 
     dist: distributed.Dist
@@ -24,26 +29,50 @@ class JobContext:
     ds_config: dict
 
 
+@dataclass
+class EmaConfig:
+    """Moving average of the trained weights (what is exported as `<role>_ema` and sampled from)."""
+
+    decay: float = 0.99  # 0 disables it
+    start_step: int = 0  # the EMA starts as a copy at the first update at or after this step
+
+
 class Job:
-    """One task on the runner. Subclasses set `engines` (trained, checkpointed, exported) and implement `step`."""
+    """One task on the runner: it builds its roles and data and runs one optimisation step of every role.
 
-    engines: dict[str, Any]
-    ema: distributed.EMA | None = None
-    ema_name: str = "generator_ema"  # the export name of the EMA weights
-    frozen: dict[str, torch.nn.Module] = {}  # fingerprinted at start and end: must not change
-    num_skipped: int = 0  # corrupt samples skipped so far (logged as data/skipped)
+    The runner (`sf.train.train`) owns everything else: resume, LR schedule, logging, checkpoints, preemption.
+    Subclasses set `roles` and implement `step`; `task.optim.<role>` is each role's optimizer.
+    """
 
-    def __init__(self, cfg: TrainConfig, ctx: JobContext):
-        self.cfg, self.ctx = cfg, ctx
-        self.dist, self.device, self.dtype = ctx.dist, ctx.dist.device, ctx.dtype
+    roles: dict[str, Trainable]  # trained: LR-scheduled, checkpointed, exported
+    frozen: dict[str, torch.nn.Module]  # only called: fingerprinted at start and end, must not change
+    ema: EMA | None = None
+    bank: SampleBank | None = None  # in-memory data (teacher, ode, vae); the distill task streams prompts instead
 
-    def base_lr(self, name: str) -> float:
-        """The peak learning rate of engine `name` (warm-up is the runner's)."""
-        raise NotImplementedError
+    def __init__(self, cfg: TrainConfig, runtime: Runtime):
+        self.cfg, self.task, self.runtime = cfg, cfg.task, runtime
+        self.dist, self.device, self.dtype = runtime.dist, runtime.dist.device, runtime.dtype
+        self.roles, self.frozen = {}, {}
+
+    # ---- the interface the runner calls
 
     def step(self, step: int) -> dict[str, float]:
-        """One optimisation step of every engine (with `trainer.grad_accum_steps` micro-batches); metrics."""
+        """One optimisation step of every role (with `trainer.grad_accum_steps` micro-batches); metrics."""
         raise NotImplementedError
+
+    def base_lr(self, role: str) -> float:
+        """The peak learning rate of a role (the schedule is the runner's)."""
+        return getattr(self.task.optim, role).lr
+
+    @property
+    def ema_name(self) -> str:
+        """The export name of the EMA weights."""
+        return f"{self.ema.role}_ema" if self.ema is not None else ""
+
+    @property
+    def num_skipped(self) -> int:
+        """Corrupt samples skipped so far (logged as data/skipped)."""
+        return self.bank.num_skipped if self.bank is not None else 0
 
     def state_dict(self) -> dict:
         """This rank's data position (JSON); empty when the data order is a function of the step."""
@@ -55,42 +84,51 @@ class Job:
     def log_media(self, step: int, logger) -> None:
         """Sample videos (called on every rank: ZeRO-3 forwards are collective)."""
 
+    def export(self, name: str, state: dict[str, torch.Tensor], path: Path, step: int) -> None:
+        """Write the full weights of `name` (a role or the EMA) as a standalone file (rank 0)."""
+        save_state_dict(state, self.model_config(name), path, extra_metadata={"step": step})
+
+    def model_config(self, name: str):
+        """The architecture of an exported role (the EMA shares its role's)."""
+        return self.roles[name.removesuffix("_ema")].module.cfg
+
+    # ---- helpers for subclasses
+
+    def train_role(self, module: torch.nn.Module, name: str, gradient_checkpointing: bool = False) -> Trainable:
+        """`module` as a trained role named `name`, with the optimizer `task.optim.<name>`."""
+        spec = RoleSpec(name, getattr(self.task.optim, name), gradient_checkpointing)
+        self.roles[name] = distributed.build_trainable(module, spec, self.runtime.ds_config)
+        return self.roles[name]
+
     def micro_batch(self, step: int, micro: int) -> tuple[list[dict], list[int]]:
-        """This rank's samples of one micro-batch from `self.bank` (a SampleBank), and their global positions."""
+        """This rank's samples of one micro-batch from `self.bank`, and their global positions."""
         cfg, d = self.cfg, self.dist
         where = (step, micro, cfg.trainer.grad_accum_steps, d.rank, d.world_size, cfg.data.batch_size)
         return self.bank.batch(cfg.seed, *where), self.bank.positions(*where)
 
-    def optimise(self, engine, loss: torch.Tensor, what: str, step: int) -> None:
-        """Backward and step `engine` on a loss every rank has checked to be finite."""
-        check_finite(loss, what, step, self.device)
-        engine.backward(loss)
-        engine.step()
+    def optimise(self, role: Trainable, loss: torch.Tensor, what: str, step: int) -> None:
+        """Backward and (at the end of the update) step `role` on a loss every rank has checked to be finite."""
+        check_finite(loss, what, step)
+        role.step(loss)
 
-    def finish_step(self, out: dict, name: str, step: int) -> dict:
-        """After a single-engine step: its gradient norm into `out`, and the EMA (a copy of the weights at step 0)."""
-        out[f"grad_norm/{name}"] = float(self.engine.get_global_grad_norm() or 0.0)
-        if self.ema is not None:
-            self.ema.update(0.0 if step == 0 else None)
+    def finish_update(self, out: dict, role: Trainable, step: int) -> dict:
+        """After the last micro-batch of an update of `role`: its gradient norm into `out`, then its EMA."""
+        out[f"grad_norm/{role.name}"] = role.grad_norm or 0.0
+        if self.ema is not None and self.ema.role == role.name:
+            self.ema.update(step)
         return out
 
-    def export(self, name: str, state: dict[str, torch.Tensor], path: Path, step: int) -> None:
-        """Write the full weights of `name` (an engine or the EMA) as a standalone file (rank 0)."""
-        save_state_dict(state, self.model_config(name), path, extra_metadata={"step": step})
-
-    def model_config(self, name: str):
-        raise NotImplementedError
+    def make_ema(self, role: Trainable, ema: EmaConfig) -> None:
+        """An EMA of `role` unless `ema.decay` is 0."""
+        self.ema = EMA(role, ema.decay, ema.start_step) if ema.decay > 0 else None
 
 
 # ---------------------------------------------------------------------------------------------------- builders
 
 
-def check_finite(loss: torch.Tensor, what: str, step: int, device) -> None:
+def check_finite(loss: torch.Tensor, what: str, step: int) -> None:
     """Stop every rank before a non-finite loss reaches the weights (the last checkpoint stays good)."""
-    bad = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=device)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-    if bad.item():
+    if distributed.any_rank(not bool(torch.isfinite(loss).all())):
         raise FloatingPointError(
             f"non-finite {what} loss at step {step} (on some rank); weights not updated, "
             f"resume from the last checkpoint (rerun the command), e.g. with a lower learning rate"
@@ -100,12 +138,9 @@ def check_finite(loss: torch.Tensor, what: str, step: int, device) -> None:
 def build_net(net: NetConfig, seed: int) -> VideoDiT:
     """A VideoDiT from its config: weights from `checkpoint`, or seeded random init (identical on every rank)."""
     if net.checkpoint and net.checkpoint != RANDOM_INIT:
-        model = load_dit(net.checkpoint)
-    else:
-        torch.manual_seed(seed)
-        model = VideoDiT(dit_config(net.flavor, **net.overrides))
-    model.gradient_checkpointing = net.gradient_checkpointing
-    return model
+        return load_dit(net.checkpoint)
+    torch.manual_seed(seed)
+    return VideoDiT(dit_config(net.flavor, **net.overrides))
 
 
 def copy_weights(dst: VideoDiT, src: VideoDiT, what: str) -> VideoDiT:
@@ -147,3 +182,4 @@ def video_decoder(cfg: TrainConfig, device):
 
     codec = codec_from_config(cfg.codec).to(device).eval()
     return lambda latents: codec.decode(latents[None].float().to(device))[0].cpu()
+

@@ -1,21 +1,54 @@
 """task=distill: self-forcing DMD (or SiD) distillation of the frozen teacher into a causal few-step generator.
 
-Per iteration: `generator_step` every `distill.gen_update_every` iterations (a self-forcing rollout with grad at
+Per iteration: `generator_step` every `task.gen_update_every` iterations (a self-forcing rollout with grad at
 the exit step, DMD through the guided teacher and the frozen critic), then `critic_step` (a fresh no-grad rollout,
 flow matching of the critic on it). Every random draw comes from per-sample seeded streams (`sf.rng`).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from sf import distributed
+from sf.diffusion.flow import dmd_timestep
 from sf.distill.losses import critic_loss, dmd_loss, sid_loss, x0_predictor
-from sf.distill.rollout import generate, self_forcing_rollout
+from sf.distill.rollout import RolloutConfig, generate, self_forcing_rollout
+from sf.distributed import OptimizerConfig
 from sf.rng import SampleNoise, seed_for
-from sf.tasks.base import Job, accumulate, build_net, build_text_encoder, copy_weights, in_dtype, video_decoder
+from sf.tasks.base import EmaConfig, Job, accumulate, build_net, build_text_encoder, copy_weights, in_dtype, video_decoder
+
+
+@dataclass
+class DistillOptim:
+    """One AdamW per trained role (the Self-Forcing Wan-1.3B learning rates)."""
+
+    generator: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=2e-6))
+    critic: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=4e-7))
+
+
+@dataclass
+class DistillTask:
+    """The objective, its schedule, the student's rollout and the optimizers of generator and critic."""
+
+    needs_teacher: ClassVar[bool] = True
+    name: str = "distill"
+    objective: str = "dmd"  # dmd | sid
+    cfg_scale: float = 3.0  # real = cond + cfg_scale * (cond - uncond)
+    timestep_shift: float = 5.0
+    min_timestep_ratio: float = 0.02
+    max_timestep_ratio: float = 0.98
+    timestep_from_exit: bool = False  # draw t only within the exit step's noise interval (reference's ts_schedule)
+    gen_update_every: int = 5
+    sid_alpha: float = 1.2
+    latent_height: int = 4
+    latent_width: int = 4
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    ema: EmaConfig = field(default_factory=lambda: EmaConfig(decay=0.99, start_step=200))
+    optim: DistillOptim = field(default_factory=DistillOptim)
 
 
 def build_networks(cfg):
@@ -27,14 +60,11 @@ def build_networks(cfg):
     critic = build_net(cfg.critic if not cfg.critic.init_from_teacher else cfg.teacher, cfg.seed + 2)
     if cfg.critic.init_from_teacher:
         copy_weights(critic, teacher, "the critic")
-    critic.gradient_checkpointing = cfg.critic.gradient_checkpointing
     return teacher, generator, critic
 
 
 def prepare_prompt_shards(spec: str, run_dir, rank: int) -> str:
     """A .txt prompt list becomes shards in run_dir/data/prompts once (rank 0); shard specs pass through."""
-    from pathlib import Path
-
     from sf.data.prompts import write_prompt_shards
 
     if not spec.endswith(".txt"):
@@ -57,35 +87,28 @@ def exits_agree(exit_steps: torch.Tensor) -> float:
 
 
 class DistillJob(Job):
-    """Generator + critic engines against a frozen (possibly ZeRO-3 sharded) teacher; EMA of the generator."""
+    """Generator + critic roles against a frozen (possibly ZeRO-3 sharded) teacher; EMA of the generator."""
 
-    def __init__(self, cfg, ctx):
-        super().__init__(cfg, ctx)
+    def __init__(self, cfg, runtime):
+        super().__init__(cfg, runtime)
         from sf.data.prompts import PromptDataConfig, PromptStream
 
+        task = self.task
         teacher, generator, critic = build_networks(cfg)
-        self.configs = {"generator": generator.cfg, "critic": critic.cfg}
-        self.gen = distributed.build_engine(generator, cfg.optim.generator, ctx.ds_config)
-        self.critic = distributed.build_engine(critic, cfg.optim.critic, ctx.ds_config)
-        self.engines = {"generator": self.gen, "critic": self.critic}
-        self.teacher = distributed.build_frozen(teacher, cfg.deepspeed, ctx.ds_config, self.device, self.dtype)
+        self.generator = self.train_role(generator, "generator", cfg.model.gradient_checkpointing)
+        self.critic = self.train_role(critic, "critic", cfg.critic.gradient_checkpointing)
+        self.teacher = distributed.build_frozen(teacher, cfg.deepspeed, runtime.ds_config, self.device, self.dtype)
         self.frozen = {"teacher": self.teacher}
-        self.ema = distributed.EMA(self.gen.module, cfg.distill.ema_decay) if cfg.distill.ema_decay > 0 else None
+        self.make_ema(self.generator, task.ema)
 
         data_cfg = PromptDataConfig(**{**asdict(cfg.data), "seed": cfg.data.seed + cfg.seed,
-                                       "shards": prepare_prompt_shards(cfg.data.shards, ctx.run_dir, self.dist.rank)})
+                                       "shards": prepare_prompt_shards(cfg.data.shards, runtime.run_dir,
+                                                                       self.dist.rank)})
         self.stream = PromptStream(data_cfg, self.dist.rank, self.dist.world_size)
         self.batches = None
         self.text = build_text_encoder(cfg, self.device)
         self.sample_prompts: list[str] = []  # the first prompt seen: what sample videos show
-        self.latent = (cfg.rollout.num_frames, generator.cfg.in_channels, cfg.distill.latent_height,
-                       cfg.distill.latent_width)
-
-    def base_lr(self, name):
-        return getattr(self.cfg.optim, name).lr
-
-    def model_config(self, name):
-        return self.configs["generator" if name == "generator_ema" else name]
+        self.latent = (task.rollout.num_frames, generator.cfg.in_channels, task.latent_height, task.latent_width)
 
     @property
     def num_skipped(self):
@@ -102,84 +125,81 @@ class DistillJob(Job):
             self.batches = iter(self.stream)
         return next(self.batches)
 
-    def context_for(self, batch):
-        """Text features of a batch and of the negative prompt (encoded once), in the compute dtype."""
+    def text_features(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text features of a batch (`cond`) and of the negative prompt, encoded once (`uncond`), in the compute
+        dtype."""
+        from sf.data.prompts import prompt_features
         from sf.models.text import encode_negative_prompt
 
         if not self.sample_prompts:
             self.sample_prompts.append(batch["prompt"][0])
-        features, _ = self.text.encode_batch(batch)
-        negative, _ = encode_negative_prompt(self.text, self.cfg.text.negative_prompt, features.shape[0])
-        return features.to(self.device, self.dtype), negative.to(self.device, self.dtype)
+        cond, _ = prompt_features(self.text, batch)
+        uncond, _ = encode_negative_prompt(self.text, self.cfg.text.negative_prompt, cond.shape[0])
+        return cond.to(self.device, self.dtype), uncond.to(self.device, self.dtype)
 
-    def roll_out(self, step: int, micro: int, role: str, ctx: torch.Tensor):
+    def roll_out(self, step: int, micro: int, role: str, cond: torch.Tensor):
         """A self-forcing rollout plus the DMD/critic timestep and noise, all from per-sample seeded streams.
 
         A sample's randomness depends on (seed, role, step, rank, its index in the step), not on how samples
         are grouped into micro-batches; exit steps come from one generator per (role, step), drawn on rank 0
         and broadcast so every rank runs the same forwards.
         """
-        cfg, d = self.cfg, self.dist
-        first = micro * ctx.shape[0]
-        noise = SampleNoise([seed_for(cfg.seed, role, step, d.rank, first + b) for b in range(ctx.shape[0])],
+        cfg, task, d = self.cfg, self.task, self.dist
+        first = micro * cond.shape[0]
+        noise = SampleNoise([seed_for(cfg.seed, role, step, d.rank, first + b) for b in range(cond.shape[0])],
                             device=self.device)
         exits = torch.Generator().manual_seed(seed_for(cfg.seed, role + "/exit", step))
         rollout = self_forcing_rollout(
-            self.gen, self.gen.module.new_cache, noise.randn(self.latent, self.dtype), ctx, cfg.rollout,
-            generator=noise, sync=distributed.broadcast_from_main, exit_generator=exits,
+            self.generator, self.generator.module.new_cache, noise.randn(self.latent, self.dtype), cond, task.rollout,
+            rng=noise, sync=distributed.broadcast_from_main, exit_rng=exits,
         )
         span = (0.0, 1.0)
-        if cfg.distill.timestep_from_exit:  # only noise levels the exit step itself denoised (reference's ts_schedule)
+        if task.timestep_from_exit:  # only noise levels the exit step itself denoised (reference's ts_schedule)
             span = (rollout.denoised_to / 1000, rollout.denoised_from / 1000)
-        t = noise.dmd_timestep(cfg.distill.timestep_shift, cfg.distill.min_timestep_ratio,
-                               cfg.distill.max_timestep_ratio, *span)
+        t = dmd_timestep(noise.rand(), task.timestep_shift, task.min_timestep_ratio, task.max_timestep_ratio, *span)
         return rollout, t, noise.randn(self.latent, torch.float32)
 
     def step(self, step: int) -> dict:
         out = {}
-        if step % self.cfg.distill.gen_update_every == 0:
+        if step % self.task.gen_update_every == 0:
             out.update(self.generator_step(step))
-            if self.ema is not None and step >= self.cfg.distill.ema_start_step:
-                self.ema.update(0.0 if step == self.cfg.distill.ema_start_step else None)  # start = copy
         out.update(self.critic_step(step))
         return out
 
     def generator_step(self, step: int) -> dict:
         """Self-forcing rollout with grad at the exit step, DMD (or SiD) loss through teacher and frozen critic."""
-        cfg, out = self.cfg, {}
+        cfg, task, out = self.cfg, self.task, {}
         for micro in range(cfg.trainer.grad_accum_steps):
-            ctx, neg = self.context_for(self.next_batch())
-            rollout, t, eps = self.roll_out(step, micro, "generator", ctx)
+            cond, uncond = self.text_features(self.next_batch())
+            rollout, t, eps = self.roll_out(step, micro, "generator", cond)
             video = rollout.video.float()  # (B, F, C, H, W)
-            real = x0_predictor(in_dtype(self.teacher, self.dtype), ctx, cfg.distill.cfg_scale, neg)
-            with distributed.frozen(self.critic.module):
-                fake = x0_predictor(in_dtype(self.critic.module, self.dtype), ctx)
-                if cfg.distill.objective == "sid":
-                    loss, stats = sid_loss(video, real, fake, t, eps, alpha=cfg.distill.sid_alpha)
+            real = x0_predictor(in_dtype(self.teacher, self.dtype), cond, task.cfg_scale, uncond)
+            with self.critic.frozen() as critic:
+                fake = x0_predictor(in_dtype(critic, self.dtype), cond)
+                if task.objective == "sid":
+                    loss, stats = sid_loss(video, real, fake, t, eps, alpha=task.sid_alpha)
                 else:
                     loss, stats = dmd_loss(video, real, fake, t, eps)
-            self.optimise(self.gen, loss, "generator", step)
+            self.optimise(self.generator, loss, "generator", step)
             accumulate(out, {"loss/generator": loss.item(), **{f"dmd/{k}": float(v) for k, v in stats.items()},
                              "rollout/exit_step": float(rollout.exit_steps.float().mean()),
                              "rollout/exit_steps_agree": exits_agree(rollout.exit_steps)},
                        cfg.trainer.grad_accum_steps)
-        out["grad_norm/generator"] = float(self.gen.get_global_grad_norm() or 0.0)
-        return out
+        return self.finish_update(out, self.generator, step)
 
     def critic_step(self, step: int) -> dict:
         """A fresh no-grad rollout; the critic learns the generator's distribution by flow matching."""
         cfg, out = self.cfg, {}
         for micro in range(cfg.trainer.grad_accum_steps):
-            ctx, _ = self.context_for(self.next_batch())
+            cond, _ = self.text_features(self.next_batch())
             with torch.no_grad():
-                rollout, t, eps = self.roll_out(step, micro, "critic", ctx)
-            loss = critic_loss(lambda x, tt: in_dtype(self.critic, self.dtype)(x, tt, ctx), rollout.video.float(),
+                rollout, t, eps = self.roll_out(step, micro, "critic", cond)
+            loss = critic_loss(lambda x, tt: in_dtype(self.critic, self.dtype)(x, tt, cond), rollout.video.float(),
                                t, eps)
             self.optimise(self.critic, loss, "critic", step)
             accumulate(out, {"loss/critic": loss.item(), "rollout/exit_steps_agree": exits_agree(rollout.exit_steps)},
                        cfg.trainer.grad_accum_steps)
-        out["grad_norm/critic"] = float(self.critic.get_global_grad_norm() or 0.0)
-        return out
+        return self.finish_update(out, self.critic, step)
 
     @torch.no_grad()
     def log_media(self, step: int, logger) -> None:
@@ -188,10 +208,11 @@ class DistillJob(Job):
             return
         cfg = self.cfg
         prompt = self.sample_prompts[0]
-        ctx, _ = self.context_for({"prompt": [prompt]})
+        cond, _ = self.text_features({"prompt": [prompt]})
         noise = torch.randn((1, *self.latent), generator=torch.Generator().manual_seed(cfg.seed), dtype=torch.float32)
-        video = generate(self.gen.module, self.gen.module.new_cache, noise.to(self.device, self.dtype), ctx,
-                         cfg.rollout, generator=torch.Generator(device=self.device).manual_seed(cfg.seed))
+        student = self.generator.module
+        video = generate(student, student.new_cache, noise.to(self.device, self.dtype), cond, self.task.rollout,
+                         rng=torch.Generator(device=self.device).manual_seed(cfg.seed))
         if self.dist.is_main:
             if not hasattr(self, "_decode"):
                 self._decode = video_decoder(cfg, self.device)

@@ -22,8 +22,9 @@ Scores, each in [0, 1], against what a caption claims (`parse_caption`):
   claimed object that is missing or slower than `min_speed`;
 * temporal_stability: mean over frames of (claimed objects present with an area within `stable_area` of their
   median) / (claimed objects + unclaimed colours present), so vanishing, flicker and extra objects all cost;
-* oracle_score = geometric mean of the three: a video scores well only if it is right on every axis, and any
-  component at 0 (nothing recognisable, frozen motion) makes it 0.
+* video_score = geometric mean of the three: a video scores well only if it is right on every axis, and any
+  component at 0 (nothing recognisable, frozen motion) makes it 0. (A model's `oracle_score` in
+  `sf.world.evaluate` adds a fourth component, the world-FVD fidelity of its whole set of videos.)
 
 `drift_vs_horizon` scores consecutive windows of long rollouts, where the initial direction is not checked.
 Nothing here raises on a bad video: empty, noisy or nan frames score 0.
@@ -36,12 +37,12 @@ from typing import Sequence
 
 import numpy as np
 
-from sf.data.world import BACKGROUNDS, COLOURS, DIRECTIONS, SIZES, Claim, ObjectClaim, parse_caption
+from sf.world.scenes import BACKGROUNDS, COLOURS, DIRECTIONS, SIZES, Claim, ObjectClaim, parse_caption
 from sf.video import to_uint8
 
 __all__ = [
     "OracleConfig", "Tracks", "track", "recover", "parse_caption", "prompt_adherence", "motion_consistency",
-    "temporal_stability", "oracle_score", "score_video", "score_videos", "drift_vs_horizon",
+    "temporal_stability", "video_score", "score_video", "score_videos", "drift_vs_horizon",
 ]
 
 COMPONENTS = ("prompt_adherence", "motion_consistency", "temporal_stability")
@@ -416,7 +417,7 @@ def temporal_stability(tracks: Tracks, claim: Claim, cfg: OracleConfig = OracleC
     return float(np.mean(good / (claimed.sum() + extra)))
 
 
-def oracle_score(components: dict[str, float]) -> float:
+def video_score(components: dict[str, float]) -> float:
     """Geometric mean of prompt_adherence, motion_consistency and temporal_stability (0 if any is 0)."""
     values = [min(max(float(components[name]), 0.0), 1.0) for name in COMPONENTS]
     if not all(np.isfinite(values)):
@@ -425,7 +426,7 @@ def oracle_score(components: dict[str, float]) -> float:
 
 
 def score_video(video, caption: str | Claim, cfg: OracleConfig = OracleConfig()) -> dict[str, float]:
-    """The three components and oracle_score of a video (or its `Tracks`) against the caption it was made from."""
+    """The three components and the video_score of a video (or its `Tracks`) against the caption it was made from."""
     claim = parse_caption(caption) if isinstance(caption, str) else caption
     tracks = video if isinstance(video, Tracks) else track(video, cfg)
     return _score(tracks, claim, cfg, directions=True)
@@ -438,7 +439,7 @@ def score_videos(
     if len(videos) != len(captions):
         raise ValueError(f"got {len(videos)} videos for {len(captions)} captions")
     scores = [score_video(video, text, cfg) for video, text in zip(videos, captions)]
-    names = (*COMPONENTS, "oracle_score")
+    names = (*COMPONENTS, "video_score")
     means = {name: float(np.mean([s[name] for s in scores])) if scores else 0.0 for name in names}
     return {**means, "num_videos": len(scores)}
 
@@ -464,7 +465,7 @@ def drift_vs_horizon(
     if len(lengths) > 1:
         raise ValueError(f"drift_vs_horizon needs videos of one length, got frame counts {sorted(lengths)}")
     starts = np.arange(0, (lengths.pop() if lengths else 0) - window + 1, window)
-    curves = {name: np.zeros(len(starts)) for name in (*COMPONENTS, "oracle_score")}
+    curves = {name: np.zeros(len(starts)) for name in (*COMPONENTS, "video_score")}
     for index, tracks in enumerate(all_tracks):
         claim = recover(tracks.window(0, window), cfg) if captions is None else captions[index]
         claim = parse_caption(claim) if isinstance(claim, str) else claim
@@ -476,10 +477,10 @@ def drift_vs_horizon(
 
 
 def _score(tracks: Tracks, claim: Claim, cfg: OracleConfig, directions: bool) -> dict[str, float]:
-    """Components and oracle_score of tracks against a claim."""
+    """Components and video_score of tracks against a claim."""
     components = {
         "prompt_adherence": prompt_adherence(tracks, claim, cfg, directions),
         "motion_consistency": motion_consistency(tracks, claim, cfg),
         "temporal_stability": temporal_stability(tracks, claim, cfg),
     }
-    return {**components, "oracle_score": oracle_score(components)}
+    return {**components, "video_score": video_score(components)}

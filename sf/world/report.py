@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sf.logging import read_metrics
+from sf.logging import plot_metrics
 from sf.video import grid, save_video, side_by_side, to_uint8
 
 MODELS = ("teacher", "ode_init", "student")  # the demo's models, in the order the report shows them
@@ -29,14 +29,11 @@ COMPONENT_COLUMNS = {  # component key -> short column name of the terminal tabl
     "temporal_stability": "stability",
     "fidelity": "fidelity",
 }
-DEFAULT_ORACLE_DEFINITION = (
-    "`oracle_score` (in [0, 1], higher is better) comes from `eval/oracle.py`, a pixel oracle that recovers the "
-    "objects of the embedded world from each generated video and checks them against the caption the video was "
-    "generated from. Per video it is the geometric mean of prompt adherence (the claimed objects and background "
-    "are there, with the claimed colour, shape, size and direction), motion consistency (the objects move as the "
-    "world's physics says) and temporal stability (objects neither vanish, flicker nor appear from nowhere), so "
-    "a video scores well only if it is right on every axis; the table gives the mean over the evaluated videos."
-)
+ORACLE_DEFINITION = (
+    "oracle_score = geometric mean of prompt_adherence (colour, shape, size, initial direction and background "
+    "recovered from decoded pixels vs the caption), motion_consistency (share of frame-to-frame steps obeying "
+    "constant velocity with wall bounces), temporal_stability (claimed objects present at a steady size, no extra "
+    "objects) and fidelity = exp(-world-FVD / FVD_SCALE); each component in [0, 1], averaged over the videos.")
 GIF_PIXEL_BUDGET = 4_000_000  # frames x height x width of the gif; about one byte each, so a few MB at most
 GAP = 2  # black pixels between the tiles of the sample grid
 
@@ -65,7 +62,7 @@ def write_report(
 
     written = {}  # name -> path relative to out_dir, for the links of report.md
     if metrics_path is not None:
-        written["losses"] = plot_losses(metrics_path, out_dir / "plots" / "losses.png")
+        written["losses"] = plot_metrics(metrics_path, out_dir / "plots" / "losses.png")
     if history:
         written["metric_vs_step"] = plot_metric_vs_step(history, out_dir / "plots" / "metric_vs_step.png")
     if drift:
@@ -130,26 +127,6 @@ def sample_grid(samples: dict[str, np.ndarray]) -> np.ndarray:
     return side_by_side(columns, labels=list(videos), gap=GAP)
 
 
-def plot_losses(metrics_path, out_png: Path) -> Path | None:
-    """Each loss/* of a metrics.jsonl against step, raw and smoothed, one panel per loss; None if it has none."""
-    rows = read_metrics(metrics_path)
-    keys = sorted({k for row in rows for k in row if k.startswith("loss/")})
-    if not keys:
-        return None
-    fig, axes = _figure(len(keys))
-    for ax, key in zip(axes, keys):
-        points = [(row["step"], row[key]) for row in rows if _finite(row.get(key))]
-        steps, values = np.array([p[0] for p in points]), np.array([p[1] for p in points], dtype=float)
-        ax.plot(steps, values, lw=0.8, alpha=0.35, color="C0")
-        ax.plot(steps, _smooth(values), lw=1.5, color="C0", label=f"{key} (smoothed)")
-        if len(values) and (values > 0).all():
-            ax.set_yscale("log")
-        ax.set_ylabel(key, fontsize=8)
-        ax.legend(fontsize=7)
-    axes[-1].set_xlabel("step")
-    return _save(fig, out_png)
-
-
 def plot_metric_vs_step(history: list[dict], out_png: Path) -> Path | None:
     """Evaluation metrics against training step, one line each; scores in [0, 1] and others (FVD) on two panels
     (``step`` and ``num_videos``, how many videos a row scored, are not plotted)."""
@@ -172,9 +149,10 @@ def plot_metric_vs_step(history: list[dict], out_png: Path) -> Path | None:
 
 
 def plot_drift(drift: dict[str, list[dict]], out_png: Path) -> Path | None:
-    """oracle_score against rollout horizon (frames), one line per model; None if no model has a point."""
+    """The oracle's video_score of each window against rollout horizon (frames), one line per model; None if no
+    model has a point."""
     curves = {
-        name: sorted((p["horizon_frames"], p["oracle_score"]) for p in points if _finite(p.get("oracle_score")))
+        name: sorted((p["horizon_frames"], p["video_score"]) for p in points if _finite(p.get("video_score")))
         for name, points in drift.items()
     }
     curves = {name: points for name, points in curves.items() if points}
@@ -184,7 +162,7 @@ def plot_drift(drift: dict[str, list[dict]], out_png: Path) -> Path | None:
     for name, points in curves.items():
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
     ax.set_xlabel("horizon (frames generated so far)")
-    ax.set_ylabel("oracle_score")
+    ax.set_ylabel("video_score (per window)")
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=8)
     return _save(fig, out_png)
@@ -219,7 +197,7 @@ def _markdown(report: dict, written: dict[str, str], sample_models: list[str], c
         lines += ["", "## Acceptance", "", f"**Acceptance: {_overall(acceptance)}{mark}**", ""]
         lines += [f"- {text}" if ok is None else f"- {'✓' if ok else '✗'} {text}"
                   for ok, text in _acceptance_items(acceptance)]
-    lines += ["", "## How the oracle score is defined", "", report.get("oracle_definition", DEFAULT_ORACLE_DEFINITION)]
+    lines += ["", "## How the oracle score is defined", "", report.get("oracle_definition", ORACLE_DEFINITION)]
 
     plots = {"losses": "Training losses (light: raw; dark: smoothed)",
              "metric_vs_step": "Evaluation metrics over training",
@@ -317,14 +295,6 @@ def _fmt(value, spec: str, missing: str = "–") -> str:
 
 def _finite(value) -> bool:
     return isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _smooth(values: np.ndarray) -> np.ndarray:
-    """Trailing moving average over ~5% of the points (partial windows at the start)."""
-    window = max(1, len(values) // 20)
-    sums = np.concatenate([[0.0], np.cumsum(values)])
-    starts = np.maximum(np.arange(1, len(values) + 1) - window, 0)
-    return (sums[1:] - sums[starts]) / (np.arange(1, len(values) + 1) - starts)
 
 
 def _hold_last(video: np.ndarray, num_frames: int) -> np.ndarray:

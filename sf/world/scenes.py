@@ -18,25 +18,23 @@ default, ~1 MB per 81-frame video) and/or ``mp4`` (H.264, ~6 KB: 150x smaller bu
 Prompt-only shards (``pixels="none"``) carry ``txt`` + ``json`` and are what data-free DMD training reads; the
 pixels can always be re-rendered from the json.
 
-    python -c "from sf.data.world import main; main()" --out data/world/train --split train --num-videos 1024
+    python -c "from sf.world.scenes import main; main()" --out data/world/train --split train --num-videos 1024
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import itertools
-import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
-from sf.data.shards import CorruptSample, ShardWriter
+from sf.data.shards import ShardWriter, encode_npy
 from sf.rng import seed_for
+from sf.video import encode_mp4
 
 # ------------------------------------------------------------------------------------------------------ vocabulary
 
@@ -327,16 +325,6 @@ def _paint(canvas: np.ndarray, obj: SceneObject, track: np.ndarray, value) -> No
 PIXEL_FORMATS = ("npy", "mp4", "both", "none")
 
 
-class WorldSample(NamedTuple):
-    """A decoded shard sample."""
-
-    key: str
-    caption: str
-    scene: Scene
-    meta: dict[str, Any]  # the json member: the scene plus split, seed, index, num_frames
-    video: np.ndarray | None  # uint8 (T, H, W, 3); None for prompt-only samples
-
-
 def world_sample(seed: int, split: str, index: int, spec: WorldSpec = WorldSpec(), pixels: str = "npy") -> dict:
     """One webdataset sample (``__key__``, ``txt``, ``json`` and the chosen pixel members) of the world."""
     if pixels not in PIXEL_FORMATS:
@@ -371,50 +359,6 @@ def write_world_shards(
         for index in range(num_videos):
             writer.write(world_sample(seed, split, index, spec, pixels))
     return writer.paths
-
-
-def decode_world_sample(sample: dict[str, Any]) -> WorldSample:
-    """Raw shard sample -> WorldSample (pixels from ``npy``, else ``mp4``); CorruptSample on bad data."""
-    try:
-        text = bytes(sample["txt"]).decode("utf-8")
-        meta = json.loads(bytes(sample["json"]))
-        scene = Scene.from_dict(meta)
-        video = None
-        if "npy" in sample:
-            video = np.load(io.BytesIO(bytes(sample["npy"])), allow_pickle=False)
-        elif "mp4" in sample:
-            video = decode_mp4(bytes(sample["mp4"]))
-    except Exception as exn:  # missing members, bad utf-8/json/npy/mp4
-        raise CorruptSample(f"bad world sample {sample.get('__key__')!r}: {exn!r}") from exn
-    return WorldSample(str(sample["__key__"]), text, scene, meta, video)
-
-
-def encode_npy(video: np.ndarray) -> bytes:
-    """Raw .npy bytes of an array."""
-    buffer = io.BytesIO()
-    np.save(buffer, video, allow_pickle=False)
-    return buffer.getvalue()
-
-
-def encode_mp4(video: np.ndarray, fps: int = 16) -> bytes:
-    """H.264 bytes of a uint8 (T, H, W, 3) video (lossy)."""
-    from sf.video import save_video
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = save_video(video, os.path.join(tmp, "video.mp4"), fps=fps)
-        return path.read_bytes()
-
-
-def decode_mp4(data: bytes) -> np.ndarray:
-    """Frames of mp4 bytes; uint8 (T, H, W, 3)."""
-    import imageio.v2 as imageio
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "video.mp4")
-        with open(path, "wb") as f:
-            f.write(data)
-        with imageio.get_reader(path, format="FFMPEG") as reader:
-            return np.stack([np.asarray(frame)[..., :3] for frame in reader])
 
 
 # ------------------------------------------------------------------------------------------------------ CLI

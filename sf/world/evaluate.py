@@ -6,9 +6,9 @@
 Every model generates one video per evaluation caption (the world's `val` split by default: scenes never trained
 on), from the same seeded noise per caption, decoded by the world VAE. Then, per model:
 
-* prompt_adherence, motion_consistency, temporal_stability: `eval/oracle.py`, averaged over the videos;
+* prompt_adherence, motion_consistency, temporal_stability: `sf/world/oracle.py`, averaged over the videos;
 * fvd: Fréchet distance between the world classifier's features of the generated videos and of the real videos
-  of the same scenes (`eval/world_fvd.py`); fidelity = exp(-fvd / FVD_SCALE);
+  of the same scenes (`sf/world/fvd.py`); fidelity = exp(-fvd / FVD_SCALE);
 * oracle_score = geometric mean of prompt_adherence, motion_consistency, temporal_stability and fidelity: right
   on every axis or low (any component at 0 gives 0);
 * nfe_per_frame: network evaluations each latent frame goes through (counted, not assumed: a bidirectional
@@ -29,19 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import sf  # noqa: F401  (torchvision compatibility before open_clip / diffusers)
-from sf.data.world import caption, make_scene, render
+from sf.world import ASSETS
+from sf.world.report import ORACLE_DEFINITION, format_table, write_report
+from sf.world.scenes import caption, make_scene, render
 from sf.distill.rollout import RolloutConfig, generate
 from sf.rng import seed_for
 
-ASSETS = Path(sf.__file__).resolve().parent / "assets" / "world"
 COMPONENTS = ("prompt_adherence", "motion_consistency", "temporal_stability", "fidelity")
-ORACLE_DEFINITION = (
-    "oracle_score = geometric mean of prompt_adherence (colour, shape, size, initial direction and background "
-    "recovered from decoded pixels vs the caption), motion_consistency (share of frame-to-frame steps obeying "
-    "constant velocity with wall bounces), temporal_stability (claimed objects present at a steady size, no extra "
-    "objects) and fidelity = exp(-world-FVD / FVD_SCALE); each component in [0, 1], averaged over the videos.")
-
 
 @dataclass
 class EvalConfig:
@@ -87,7 +81,7 @@ class WorldEvaluator:
 
     def __init__(self, cfg: EvalConfig = EvalConfig(), assets: Path = ASSETS, device: str = "cpu",
                  progress: bool = True):
-        from eval.world_fvd import features, load_classifier
+        from sf.world.fvd import features, load_classifier
         from sf.models.text import OpenCLIPTextEncoder
         from sf.models.vae import load_codec
 
@@ -135,8 +129,8 @@ class WorldEvaluator:
         negative = self.context([""])
         for start in self._batches():
             indices = range(start, min(start + self.cfg.batch_size, self.cfg.num_videos))
-            ctx = self.context([self.captions[i] for i in indices])
-            guided = guided_net(counted, {"context": ctx}, {"context": negative.expand(len(ctx), -1, -1)},
+            cond = self.context([self.captions[i] for i in indices])
+            guided = guided_net(counted, {"context": cond}, {"context": negative.expand(len(cond), -1, -1)},
                                 self.cfg.cfg_scale)
             begin = time.perf_counter()
             outputs.append(sample_teacher(guided, self.noise(indices).to(self.device), num_steps=self.cfg.teacher_steps,
@@ -153,10 +147,10 @@ class WorldEvaluator:
         count = min(count or self.cfg.num_videos, self.cfg.num_videos)
         for start in range(0, count, self.cfg.batch_size):
             indices = range(start, min(start + self.cfg.batch_size, count))
-            ctx = self.context([self.captions[i] for i in indices])
+            cond = self.context([self.captions[i] for i in indices])
             begin = time.perf_counter()
-            outputs.append(generate(counted, net.new_cache, self.noise(indices, num_frames).to(self.device), ctx,
-                                    rollout, generator=torch.Generator().manual_seed(self.cfg.seed)).cpu())
+            outputs.append(generate(counted, net.new_cache, self.noise(indices, num_frames).to(self.device), cond,
+                                    rollout, rng=torch.Generator().manual_seed(self.cfg.seed)).cpu())
             seconds += time.perf_counter() - begin
         latents = torch.cat(outputs)
         return latents, counted.frame_evals / latents[:, :, 0, 0, 0].numel(), seconds
@@ -164,15 +158,15 @@ class WorldEvaluator:
     def score(self, videos: np.ndarray) -> dict:
         """Oracle components, FVD and fidelity, oracle_score of decoded videos (one per caption, in order: the
         first len(videos) captions)."""
-        from eval.oracle import score_videos
-        from eval.world_fvd import FVD_SCALE, features, fidelity, frechet_distance
+        from sf.world.oracle import score_videos
+        from sf.world.fvd import FVD_SCALE, features, fidelity, frechet_distance
 
         oracle = score_videos(list(videos), self.captions[:len(videos)])
         fvd = frechet_distance(features(self.classifier, videos), self.real_features)
         components = {name: oracle[name] for name in COMPONENTS[:3]}
         components["fidelity"] = fidelity(fvd)
         return {"oracle_score": model_score(components), "components": components, "fvd": fvd,
-                "fvd_scale": FVD_SCALE, "per_video_oracle": oracle["oracle_score"], "num_videos": len(videos)}
+                "fvd_scale": FVD_SCALE, "per_video_score": oracle["video_score"], "num_videos": len(videos)}
 
     @torch.no_grad()
     def vae_round_trip(self, count: int | None = None) -> dict:
@@ -209,7 +203,7 @@ class WorldEvaluator:
         length (the model never saw frames past it)."""
         from dataclasses import replace
 
-        from eval.oracle import drift_vs_horizon
+        from sf.world.oracle import drift_vs_horizon
 
         long = replace(rollout, num_frames=rollout.num_frames * self.cfg.drift_factor,
                        local_attn_frames=rollout.local_attn_frames or rollout.num_frames)
@@ -230,8 +224,6 @@ def load_net(path: str | Path, device: str = "cpu"):
 
 def main(argv: list[str] | None = None) -> None:
     """sf-eval: oracle, world-FVD, NFE and speed (and drift) of exported world models; writes a report."""
-    from eval.report import format_table, write_report
-
     parser = argparse.ArgumentParser(prog="sf-eval", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]))

@@ -28,8 +28,8 @@ are ~6 apart, not 0), so compare models at equal set sizes.
 Fidelity. ``fidelity = exp(−FVD / FVD_SCALE)`` in [0, 1]; FVD_SCALE = 35 puts real videos >= 0.8 and
 clearly broken ones <= 0.3 (any scale in [31, 39] would). Measured with the default classifier by
 
-    python -m eval.world_fvd train --out /tmp/world_classifier.safetensors   # 400 steps, 285 s on a busy core
-    python -m eval.world_fvd calibrate --classifier /tmp/world_classifier.safetensors --trials 10
+    python -m sf.world.fvd train --out /tmp/world_classifier.safetensors   # 400 steps, 285 s on a busy core
+    python -m sf.world.fvd calibrate --classifier /tmp/world_classifier.safetensors --trials 10
 
 with 32 videos per set: the reference is ``val`` indices 1000-1031 and trial k compares indices 2000 + 32k..,
 as they are (real) or broken: the first frame frozen, the frames shuffled, uniform noise. Over the 10 trials:
@@ -45,7 +45,7 @@ speed 0.98, coherence 0.92; exact sets for the multi-label heads.) Real videos o
 references of the same length, the ``heldout`` split, mp4-compressed or time-reversed videos all stay at FVD
 6.6-7.1 (fidelity >= 0.81); a frozen clip of 41 or 161 frames is at 65 or 52.
 
-    python -m eval.world_fvd score --classifier PATH --videos-npz generated.npz    # vs real val videos
+    python -m sf.world.fvd score --classifier PATH --videos-npz generated.npz    # vs real val videos
 """
 
 from __future__ import annotations
@@ -63,8 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import sf  # noqa: F401  (torchvision compatibility before anything imports it)
-from sf.data.world import BACKGROUNDS, COLOURS, DIRECTIONS, SHAPES, WorldSpec, make_scene, render
+from sf.world.scenes import BACKGROUNDS, COLOURS, DIRECTIONS, SHAPES, WorldSpec, make_scene, render
 from sf.video import to_uint8
 
 __all__ = [
@@ -494,7 +493,7 @@ def _load_videos(path: str) -> np.ndarray:
 
 def main(argv: list[str] | None = None) -> None:
     """World-FVD: train the world classifier, score videos against real world videos, or calibrate the scale."""
-    parser = argparse.ArgumentParser(prog="python -m eval.world_fvd", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m sf.world.fvd", description=main.__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train the classifier on rendered world videos and save it")
     train.add_argument("--out", required=True, help="output .safetensors path")
