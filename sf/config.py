@@ -25,7 +25,9 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from sf.data.prompts import PromptDataConfig
 from sf.distributed import DeepSpeedConfig
 from sf.logging import LoggerConfig
+from sf.models.dit import FLAVORS
 from sf.models.vae import CodecConfig
+from sf.schema import above, at_least, one_of, range_errors
 
 CONFIG_VERSION = 2
 RANDOM_INIT = "random"  # a checkpoint value for smoke tests: seeded random weights
@@ -36,7 +38,7 @@ CONF_ENV = "SF_CONF_DIR"  # a folder of the user's own config groups, searched a
 class NetConfig:
     """A VideoDiT: a named flavor, field overrides (e.g. in_channels of another VAE), optional weights."""
 
-    flavor: str = "debug"
+    flavor: str = field(default="debug", metadata=one_of(*FLAVORS))
     checkpoint: Optional[str] = None
     overrides: dict = field(default_factory=dict)
     gradient_checkpointing: bool = False
@@ -62,7 +64,7 @@ class TextConfig:
 
     model_name: str = "sf-tiny-clip"
     pretrained: Optional[str] = None
-    max_length: Optional[int] = 77  # fixed length (zero-padded, as Wan pads to 512): batching never changes results
+    max_length: Optional[int] = field(default=77, metadata=at_least(1))  # fixed length (zero-padded, as Wan pads to 512): batching never changes results
     negative_prompt: str = ""
 
 
@@ -70,16 +72,17 @@ class TextConfig:
 class TrainerConfig:
     """The loop every task shares: length, accumulation, precision, LR schedule, clipping, checkpoints."""
 
-    max_steps: int = 1000
-    grad_accum_steps: int = 1
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
-    warmup_steps: int = 0  # linear LR warm-up from 0 (iterations)
-    cooldown_steps: int = 0  # linear LR decay to ~0 over the last N of max_steps (0: flat to the end)
-    grad_clip: float = 10.0  # global gradient norm, per trained role
-    checkpoint_every: int = 100
-    keep_last: int = 2
+    max_steps: int = field(default=1000, metadata=at_least(1))
+    grad_accum_steps: int = field(default=1, metadata=at_least(1))
+    precision: str = field(default="auto", metadata=one_of("auto", "fp32", "bf16"))  # auto: bf16 on GPU, fp32 on CPU
+    warmup_steps: int = field(default=0, metadata=at_least(0))  # linear LR warm-up from 0 (iterations)
+    # linear LR decay to ~0 over the last N of max_steps (0: flat to the end; longer than the run: from below)
+    cooldown_steps: int = field(default=0, metadata=at_least(0))
+    grad_clip: float = field(default=10.0, metadata=above(0))  # global gradient norm, per trained role
+    checkpoint_every: int = field(default=100, metadata=at_least(1))
+    keep_last: int = field(default=2, metadata=at_least(0))
     export_on_checkpoint: bool = True
-    timeout_minutes: int = 30
+    timeout_minutes: int = field(default=30, metadata=at_least(1))
 
 
 @dataclass
@@ -178,7 +181,15 @@ def to_train_config(cfg: DictConfig | Any) -> TrainConfig:
     if unknown:
         raise ValueError(f"unknown config key {unknown[0]} (not in the schema; check the spelling)"
                          + (f", and {len(unknown) - 1} more: {', '.join(unknown[1:4])}" if len(unknown) > 1 else ""))
-    return OmegaConf.to_object(cfg)
+    try:
+        typed = OmegaConf.to_object(cfg)
+    except ValueError as e:  # a section's own checks (__post_init__): say which section
+        where = failing_section(cfg)
+        raise ValueError(f"{where}: {e}" if where else str(e)) from None
+    errors = range_errors(typed)
+    if errors:
+        raise ValueError(errors[0] + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""))
+    return typed
 
 
 def unknown_keys(node: DictConfig, prefix: str = "") -> list[str]:
@@ -196,6 +207,22 @@ def unknown_keys(node: DictConfig, prefix: str = "") -> list[str]:
             if dataclasses.is_dataclass(OmegaConf.get_type(child)):
                 found.extend(unknown_keys(child, f"{path}."))
     return found
+
+
+def failing_section(node: DictConfig, prefix: str = "") -> str | None:
+    """The key of the deepest dataclass section of a composed config whose construction raises ValueError."""
+    for key in node.keys():
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(child)):
+            found = failing_section(child, f"{prefix}{key}.")
+            if found:
+                return found
+    if prefix:
+        try:
+            OmegaConf.to_object(node)
+        except ValueError:
+            return prefix[:-1]
+    return None
 
 
 def read_run_config(path: str | Path) -> TrainConfig:
@@ -237,7 +264,7 @@ def migrate(raw: dict) -> dict:
     Version 1 (no `config_version`) had one section per task (`distill`, `flow`, `ode`, `vae`), a shared
     `rollout` and `optim`, and `task` as a string. Since version 2 the task's section is `task` itself, with its
     own rollout, EMA and optimizers (named after the roles it trains); the LR schedule and clipping are in
-    `trainer`.
+    `trainer`; `logger.job_type` "distill", version 1's default for every task, became null (the task's name).
     """
     raw = copy.deepcopy(_plain(raw))
     version = raw.get("config_version", 1)
@@ -250,6 +277,8 @@ def migrate(raw: dict) -> dict:
     distill, flow, ode, vae, rollout, optim = (sections[k] for k in ("distill", "flow", "ode", "vae", "rollout", "optim"))
     raw["trainer"] = {**raw.get("trainer", {}), **{k: optim[k] for k in ("warmup_steps", "cooldown_steps", "grad_clip")
                                                    if k in optim}}
+    if raw.get("logger", {}).get("job_type") == "distill":  # the old default, whatever the task: now the task's name
+        raw["logger"] = {**raw["logger"], "job_type": None}
     first_role = optim.get("generator", {})
     if name == "distill":
         task = {k: v for k, v in distill.items() if k not in ("ema_decay", "ema_start_step")}

@@ -33,10 +33,13 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sf.schema import above, at_least, between, fraction
+
 import torch
 import torch.distributed as dist
 
 _DEEPSPEED = None
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # torch's optimizers refuse larger step sizes
 _DEVICE = torch.device("cpu")  # where collectives put their tensors (set by init_distributed)
 
 
@@ -65,11 +68,11 @@ def _deepspeed():
 class DeepSpeedConfig:
     """ZeRO stage and the knobs that matter for two engines plus a frozen teacher."""
 
-    stage: int = 2
+    stage: int = field(default=2, metadata=between(0, 3))
     # Random exit steps change the execution trace every iteration; ZeRO-3 prefetching keyed on a recorded
     # trace then mis-prefetches (DeepSpeed #3599). 0 turns prefetching off; raise it on large GPUs only.
-    stage3_prefetch_bucket_size: int = 0
-    stage3_param_persistence_threshold: int = 0
+    stage3_prefetch_bucket_size: int = field(default=0, metadata=at_least(0))
+    stage3_param_persistence_threshold: int = field(default=0, metadata=at_least(0))
     offload_optimizer: bool = False
     shard_teacher: bool = True  # under ZeRO-3: the teacher becomes an optimizer-less sharded engine
     extra: dict = field(default_factory=dict)  # merged last into every engine's config dict
@@ -79,10 +82,10 @@ class DeepSpeedConfig:
 class OptimizerConfig:
     """AdamW of one role. Betas (0, 0.999) and wd 0.01 are the Self-Forcing recipe's."""
 
-    lr: float = 2e-6
-    betas: list = field(default_factory=lambda: [0.0, 0.999])
-    weight_decay: float = 0.01
-    eps: float = 1e-8
+    lr: float = field(default=2e-6, metadata=between(0, FLOAT32_MAX))
+    betas: list = field(default_factory=lambda: [0.0, 0.999], metadata=fraction())
+    weight_decay: float = field(default=0.01, metadata=at_least(0))
+    eps: float = field(default=1e-8, metadata=above(0))
 
 
 def engine_config(ds: DeepSpeedConfig, micro_batch: int, grad_accum: int, grad_clip: float, bf16: bool) -> dict:
@@ -157,6 +160,11 @@ def init_distributed(timeout_minutes: int = 30) -> Dist:
     return Dist(rank=rank, world_size=world, local_rank=local, device=device)
 
 
+def launch_rank() -> int:
+    """This process's rank as the launcher set it, before the process group exists (0 when run alone)."""
+    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+
+
 def free_port() -> int:
     """A TCP port nothing listens on now (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -194,7 +202,8 @@ def shutdown() -> None:
 # ---------------------------------------------------------------------------------------------------- collectives
 
 
-def _world() -> int:
+def world_size() -> int:
+    """Processes in the job (1 without a process group)."""
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
@@ -205,7 +214,7 @@ def barrier() -> None:
 
 def any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is true on at least one (a non-finite loss, a preemption signal)."""
-    if _world() == 1:
+    if world_size() == 1:
         return bool(flag)
     value = torch.tensor([float(bool(flag))], device=_DEVICE)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
@@ -214,7 +223,7 @@ def any_rank(flag: bool) -> bool:
 
 def broadcast_from_main(tensor: torch.Tensor) -> torch.Tensor:
     """Rank 0's value of `tensor` on every rank (used for the exit steps: all ranks must run the same forwards)."""
-    if _world() == 1:
+    if world_size() == 1:
         return tensor
     out = tensor.clone().contiguous()
     dist.broadcast(out, src=0)
@@ -223,7 +232,7 @@ def broadcast_from_main(tensor: torch.Tensor) -> torch.Tensor:
 
 def broadcast_object(obj):
     """Rank 0's picklable object on every rank."""
-    if _world() == 1:
+    if world_size() == 1:
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=0)
@@ -232,7 +241,7 @@ def broadcast_object(obj):
 
 def all_gather_object(obj) -> list:
     """Every rank's object, in rank order."""
-    if _world() == 1:
+    if world_size() == 1:
         return [obj]
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
@@ -241,7 +250,7 @@ def all_gather_object(obj) -> list:
 
 def mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
     """Average scalar metrics over ranks (one all-reduce for the whole dict)."""
-    if not values or _world() == 1:
+    if not values or world_size() == 1:
         return values
     keys = sorted(values)
     t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_DEVICE)
@@ -325,6 +334,10 @@ class Trainable:
         """The whole fp32 weights on rank 0 (None elsewhere); collective under ZeRO-3."""
         return full_state_dict(self.module, rank)
 
+    def nonfinite(self) -> bool:
+        """Collective: whether any weight (of any rank's shard) is inf or nan."""
+        return any_rank(not all(bool(torch.isfinite(_local(p)).all()) for p in self.module.parameters()))
+
     def held_bytes(self) -> dict:
         """Bytes of parameters and optimizer state this rank holds, each byte counted once.
 
@@ -390,6 +403,11 @@ def is_zero3_param(p: torch.Tensor) -> bool:
     return hasattr(p, "ds_id")
 
 
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """What this rank holds of a parameter: its ZeRO-3 shard, else the whole tensor."""
+    return p.ds_tensor if is_zero3_param(p) else p.data
+
+
 @contextlib.contextmanager
 def gathered(params: list[torch.Tensor], modifier_rank: int | None = None):
     """Full parameter values inside the block under ZeRO-3 (a no-op otherwise)."""
@@ -435,10 +453,7 @@ class EMA:
         self.names = [n for n, p in module.named_parameters()]
         self.params = [p for _, p in module.named_parameters()]
         self.zero3 = any(is_zero3_param(p) for p in self.params)
-        self.shadow = [self._local(p).detach().float().clone() for p in self.params]
-
-    def _local(self, p: torch.Tensor) -> torch.Tensor:
-        return p.ds_tensor if is_zero3_param(p) else p.data
+        self.shadow = [_local(p).detach().float().clone() for p in self.params]
 
     @torch.no_grad()
     def update(self, step: int) -> None:
@@ -449,7 +464,11 @@ class EMA:
         if self.started_at is None:
             self.started_at = step
         for s, p in zip(self.shadow, self.params):
-            s.mul_(d).add_(self._local(p).float(), alpha=1 - d)
+            s.mul_(d).add_(_local(p).float(), alpha=1 - d)
+
+    def nonfinite(self) -> bool:
+        """Collective: whether any averaged weight is inf or nan."""
+        return any_rank(not all(bool(torch.isfinite(s).all()) for s in self.shadow))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """This rank's part of the EMA (a shard under ZeRO-3), keyed by parameter name."""

@@ -1,40 +1,52 @@
-"""Run logging: metrics.jsonl always, wandb on rank 0 (online/offline/disabled), sample videos, a progress bar.
+"""Run logging: metrics.jsonl always, wandb on rank 0 (online/offline/disabled), sample videos, a progress bar,
+and status lines.
 
 Every rank gets a logger with the same methods; only rank 0's does anything, so the training loop has no
 `if rank == 0` or `if wandb` branches. metrics.jsonl is flushed line by line, and on resume it is cut back to
 the resumed step, so a run killed after logging past its last checkpoint has no duplicated steps.
+
+Messages go through Python `logging` ("sf"): on rank 0 to stdout as ``[sf] ...`` and, with the time, into
+``<run dir>/train.log``. Every `logger.status_every_s` seconds a status line (step, losses, s/step, ETA, peak
+memory) goes to train.log, and to stdout too when there is no progress bar (a job's log file, not a terminal).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import secrets
+import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 WANDB_RUN_ID_FILE = "wandb_run_id.txt"
+LOG_FILE = "train.log"
+log = logging.getLogger("sf")
 
 
 @dataclass
 class LoggerConfig:
     """Where metrics and samples go."""
 
-    backend: str = "jsonl"  # jsonl | wandb (metrics.jsonl is written either way)
+    backend: str = field(default="jsonl", metadata={"choices": ("jsonl", "wandb")})  # metrics.jsonl either way
     project: str = "sf"
     entity: Optional[str] = None
-    mode: str = "offline"  # online | offline | disabled; WANDB_MODE in the environment wins
+    # online | offline | disabled; WANDB_MODE in the environment wins
+    mode: str = field(default="offline", metadata={"choices": ("online", "offline", "disabled")})
     group: Optional[str] = None
-    job_type: str = "distill"  # the role of the run: distill, ode_init, teacher, vae, eval
+    job_type: Optional[str] = None  # the role of the run; default: the task's name (distill, teacher, ode, vae)
     tags: list = field(default_factory=list)
     name: Optional[str] = None
-    log_every: int = 1
-    video_every: int = 0  # 0: never
-    video_fps: int = 8
+    log_every: int = field(default=1, metadata={"min": 1})
+    video_every: int = field(default=0, metadata={"min": 0})  # 0: never
+    video_fps: int = field(default=8, metadata={"min": 1})
     progress: bool = True
+    status_every_s: float = field(default=30.0, metadata={"min": 0})  # a status line this often (0: every step)
 
 
 class NullLogger:
@@ -80,6 +92,8 @@ class RunLogger(NullLogger):
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True,
                             disable=None, mininterval=1.0)
+        self.total_steps, self.start_step = total_steps, start_step
+        self._started, self._last_status = time.monotonic(), None
 
     def _init_wandb(self, config: dict):
         import wandb
@@ -126,6 +140,13 @@ class RunLogger(NullLogger):
             self.bar.update(int(step) - self.bar.n)
             shown = {k.split("/")[-1]: f"{v:.4g}" for k, v in row.items() if k.startswith("loss/")}
             self.bar.set_postfix(shown, refresh=False)
+        now = time.monotonic()
+        last = step == self.total_steps or step == self.start_step + 1
+        if last or self._last_status is None or now - self._last_status >= self.cfg.status_every_s:
+            self._last_status = now
+            bar_shown = self.bar is not None and not self.bar.disable
+            log.info(status_line(row, self.total_steps, (now - self._started) / (step - self.start_step)),
+                     extra={"console": not bar_shown})
 
     def log_video(self, step: int, key: str, video, caption: str | None = None) -> Path:
         """Write run_dir/samples/{key}_{step}.mp4 and log it to wandb."""
@@ -152,6 +173,53 @@ class RunLogger(NullLogger):
         if self.wandb is not None:
             self.wandb.finish()
             self.wandb = None
+
+
+def status_line(row: dict, total_steps: int, seconds_per_step: float) -> str:
+    """'step 12/1000 | loss/critic 2.31 loss/generator 0.0123 | 0.45 s/step | ETA 7m24s | peak mem 1.21 GB'."""
+    step = int(row["step"])
+    losses = " ".join(f"{k} {v:.4g}" for k, v in sorted(row.items()) if k.startswith("loss/"))
+    left = max(0, total_steps - step) * seconds_per_step
+    eta = f"{int(left // 3600)}h{int(left % 3600 // 60):02d}m" if left >= 3600 else f"{int(left // 60)}m{int(left % 60):02d}s"
+    return (f"step {step}/{total_steps} | {losses or 'no loss this step'} | {seconds_per_step:.3g} s/step | "
+            f"ETA {eta} | peak mem {peak_memory_gb():.2f} GB")
+
+
+def peak_memory_gb() -> float:
+    """The process's peak memory: the CUDA allocator's on a GPU, the resident set size on a CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+
+
+class _ConsoleFilter(logging.Filter):
+    """Status lines reach the console only when no progress bar is shown."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return getattr(record, "console", True)
+
+
+def setup_log(run_dir: Path | None, rank: int) -> None:
+    """The "sf" logger of this process: rank 0 to stdout ([sf] ...) and to run_dir/train.log; other ranks warnings
+    only, to stderr (idempotent: handlers are replaced)."""
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+    log.propagate = False
+    console = logging.StreamHandler(sys.stdout if rank == 0 else sys.stderr)
+    console.setFormatter(logging.Formatter("[sf] %(message)s" if rank == 0 else f"[sf rank {rank}] %(message)s"))
+    console.addFilter(_ConsoleFilter())
+    log.addHandler(console)
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    if rank == 0 and run_dir is not None:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        file = logging.FileHandler(Path(run_dir) / LOG_FILE)
+        file.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        log.addHandler(file)
 
 
 def make_logger(cfg: LoggerConfig, run_dir: Path, rank: int, config: Any, total_steps: int, start_step: int = 0):
@@ -227,19 +295,19 @@ def _scalar(value) -> float:
     return float(value.item() if hasattr(value, "item") else value)
 
 
-def read_wandb_history(run_file: Path) -> list[dict]:
-    """History rows of an offline wandb run file (`run-<id>.wandb`), for tests and offline inspection.
+def read_wandb_records(run_file: Path):
+    """The protobuf `Record`s of an offline wandb run file (`run-<id>.wandb`), for tests and offline inspection.
 
     The file is wandb's header (":W&B", magic, version: 7 bytes) followed by LevelDB-log framing (32 KiB blocks;
     each fragment has a 7-byte header: crc32c, little-endian length, type FULL/FIRST/MIDDLE/LAST) around
-    protobuf `Record`s. Each returned row maps history keys to their decoded JSON values (step under `_step`).
+    protobuf records. A damaged tail (a killed writer) ends the records; what came before it is returned.
     """
     from wandb.proto import wandb_internal_pb2
 
     data = Path(run_file).read_bytes()
     if data[:4] != b":W&B":
         raise ValueError(f"{run_file}: not a wandb run file")
-    block, pos, pending, rows = 32768, 7, b"", []
+    block, pos, pending, records = 32768, 7, b"", []
     while pos + 7 <= len(data):
         room = block - pos % block
         if room < 7:  # block trailer padding
@@ -261,7 +329,11 @@ def read_wandb_history(run_file: Path) -> list[dict]:
             record.ParseFromString(pending)
         except Exception:  # a damaged record (killed writer): what came before it is still good
             break
-        if record.WhichOneof("record_type") == "history":
-            rows.append({"/".join(item.nested_key) or item.key: json.loads(item.value_json)
-                         for item in record.history.item})
-    return rows
+        records.append(record)
+    return records
+
+
+def read_wandb_history(run_file: Path) -> list[dict]:
+    """History rows of an offline wandb run file: history keys to their decoded JSON values (step under `_step`)."""
+    return [{"/".join(item.nested_key) or item.key: json.loads(item.value_json) for item in record.history.item}
+            for record in read_wandb_records(run_file) if record.WhichOneof("record_type") == "history"]

@@ -23,10 +23,14 @@ from pathlib import Path
 
 import torch
 
+from safetensors import SafetensorError
+
 from sf import checkpoint as ckpt
 from sf import distributed
 from sf.config import TrainConfig, to_train_config
-from sf.logging import make_logger
+from sf.io import exit_with_error
+from sf.logging import log, make_logger, setup_log
+from sf.rundir import RunDirBusy, RunDirLock, die_with_launcher
 from sf.tasks import Runtime, make_job
 
 
@@ -50,28 +54,91 @@ def fingerprint(module: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-class Preemption:
-    """SIGTERM/SIGUSR1 (slurm before the time limit, `scontrol requeue`) -> checkpoint at the step's end, exit."""
+class Interrupts:
+    """SIGTERM, SIGUSR1, SIGUSR2 (slurm and submitit before a time limit, `scontrol requeue`, preemption), SIGINT
+    (Ctrl-C) and SIGHUP (the launcher died, `sf.rundir.die_with_launcher`) -> a checkpoint at the end of the
+    current step, then a clean exit; a second Ctrl-C exits at once.
+
+    A handler that was installed before ours (submitit's, which requeues the job on SIGUSR2) is not lost: `chain`
+    calls it once the checkpoint is written.
+    """
+
+    PREEMPTION = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
     def __init__(self):
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
+        self.received: list[int] = []
+        self.previous = {}
+        for sig in (*self.PREEMPTION, signal.SIGINT, signal.SIGHUP):
+            self.previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        self.requested = True
+        speak = distributed.launch_rank() == 0  # one line per job, not per rank
+        if signum == signal.SIGINT and signal.SIGINT in self.received:
+            os.write(2, b"[sf] interrupted again: exiting now, without a checkpoint of this step\n")
+            os._exit(130)
+        if signum == signal.SIGINT and speak:
+            os.write(2, b"[sf] interrupted: saving a checkpoint at the end of this step, then exiting "
+                        b"(Ctrl-C again to exit at once)\n")
+        if signum == signal.SIGHUP and speak:
+            os.write(2, b"[sf] the launcher is gone: saving a checkpoint at the end of this step, then exiting\n")
+        self.received.append(signum)
+
+    @property
+    def preempted(self) -> bool:
+        """A preemption signal (not only Ctrl-C) arrived: the job is to be requeued."""
+        return any(sig in self.PREEMPTION for sig in self.received)
 
     def agreed(self) -> bool:
         """True on every rank when any rank was signalled (all must checkpoint together)."""
-        return distributed.any_rank(self.requested)
+        return distributed.any_rank(bool(self.received))
+
+    def chain(self) -> None:
+        """Run the handlers ours replaced for the signals received (e.g. submitit's requeue on SIGUSR2)."""
+        for sig in dict.fromkeys(self.received):
+            handler = self.previous.get(sig)
+            if callable(handler):
+                handler(sig, None)
+
+
+def own_run_dir(run_dir: Path) -> RunDirLock | None:
+    """Rank 0 takes the run dir's lock for the life of the job, before anything heavy starts; RunDirBusy (naming
+    the holder) or PermissionError (naming the dir) when it cannot. The other ranks are stopped by their launcher
+    when rank 0 exits."""
+    if distributed.launch_rank() != 0:
+        return None
+    lock = RunDirLock(run_dir)
+    try:
+        lock.acquire()
+    except RunDirBusy:
+        raise
+    except OSError as e:
+        raise PermissionError(f"run dir {run_dir} is not writable ({e.strerror or e})") from None
+    return lock
+
+
+def resume_hint(run_dir: Path) -> str:
+    """What a rerun of the same command will start from."""
+    latest = ckpt.latest_checkpoint(run_dir)
+    start = f"resumes from {latest.name}" if latest else "starts from step 0 (no checkpoint yet)"
+    return f"rerunning the command {start}; lower the learning rate (or raise trainer.warmup_steps) first"
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, config_yaml: str = "") -> dict:
     """Run (or resume) the job of `cfg.task` in `run_dir`; returns the final metrics."""
-    d = distributed.init_distributed(cfg.trainer.timeout_minutes)
-    run_dir = Path(distributed.broadcast_object(str(run_dir)))
+    lock = own_run_dir(Path(run_dir))
+    try:
+        d = distributed.init_distributed(cfg.trainer.timeout_minutes)
+        run_dir = Path(distributed.broadcast_object(str(run_dir)))  # rank 0's (a default dir holds a time)
+        setup_log(run_dir, d.rank)
+        return _train(cfg, run_dir, config_yaml, d)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: TrainConfig, run_dir: Path, config_yaml: str, d) -> dict:
     dtype = _dtype(cfg.trainer.precision, d.device)
-    preemption = Preemption()
+    interrupts = Interrupts()
 
     # -- the task: its roles (through the engine seam) and its data -------------------------------------------
     ds_config = distributed.engine_config(
@@ -81,37 +148,52 @@ def train(cfg: TrainConfig, run_dir: str | Path, config_yaml: str = "") -> dict:
     watched = {**job.frozen, **{name: role.module for name, role in job.roles.items()}}
     start_fingerprints = {name: fingerprint(module) for name, module in watched.items()}
 
-    # -- resume --------------------------------------------------------------------------------------------
+    # -- resume from the newest intact checkpoint --------------------------------------------------------------
     start_step = 0
-    latest = distributed.broadcast_object(str(ckpt.latest_checkpoint(run_dir) or ""))
-    if latest:
-        state = ckpt.load_checkpoint(Path(latest), roles=job.roles, ema=job.ema, rank=d.rank,
-                                     world_size=d.world_size)
+    latest = ckpt.resume_point(run_dir, d.rank, warn=lambda message: log.warning(f"warning: {message}"))
+    if latest is not None:
+        state = ckpt.load_checkpoint(latest, roles=job.roles, ema=job.ema, rank=d.rank, world_size=d.world_size,
+                                     architectures=job.architectures())
         start_step = state.pop("step")
         job.load_state_dict(state)
-        if d.is_main:
-            print(f"[sf] resumed from {latest} at step {start_step}", flush=True)
+        log.info(f"resumed from {latest} at step {start_step}")
     logger = make_logger(cfg.logger, run_dir, d.rank, _plain(cfg), cfg.trainer.max_steps, start_step)
 
     def save(step: int) -> None:
-        ckpt.save_checkpoint(
-            run_dir, step, roles=job.roles, ema=job.ema, ema_name=job.ema_name, trainer_state=job.state_dict(),
-            exporter=job.export, config_yaml=config_yaml, rank=d.rank, keep_last=cfg.trainer.keep_last,
-            export=cfg.trainer.export_on_checkpoint,
-        )
+        try:
+            ckpt.save_checkpoint(
+                run_dir, step, roles=job.roles, ema=job.ema, ema_name=job.ema_name, trainer_state=job.state_dict(),
+                exporter=job.export, config_yaml=config_yaml, rank=d.rank, keep_last=cfg.trainer.keep_last,
+                export=cfg.trainer.export_on_checkpoint, architectures=job.architectures(),
+            )
+        except (OSError, RuntimeError, SafetensorError) as e:  # a full disk, a quota, a vanished mount
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            latest = ckpt.latest_checkpoint(run_dir)
+            kept = f"{latest.name} is intact" if latest else "no earlier checkpoint exists"
+            raise OSError(f"could not write checkpoint step_{step:06d} under {run_dir / 'checkpoints'} ({reason}); "
+                          f"{kept}: free space (df -h {run_dir}) and rerun the command") from None
 
     # -- the loop ------------------------------------------------------------------------------------------
     metrics: dict = {}
-    preempted = False
+    stopped = False
     samples_per_iteration = cfg.data.batch_size * cfg.trainer.grad_accum_steps * d.world_size
     for step in range(start_step, cfg.trainer.max_steps):
         start = time.perf_counter()
-        metrics = {}
+        metrics, job.updated = {}, []
         for name, role in job.roles.items():
             metrics[f"lr/{name}"] = scheduled_lr(job.base_lr(name), step, cfg.trainer.warmup_steps,
                                                  cfg.trainer.cooldown_steps, cfg.trainer.max_steps)
             role.set_lr(metrics[f"lr/{name}"])
-        metrics.update(job.step(step))
+        try:
+            metrics.update(job.step(step))
+        except FloatingPointError as e:
+            raise FloatingPointError(f"{e}; {resume_hint(run_dir)}") from None
+        broken = [name for name, role in job.roles.items() if role.nonfinite()]
+        broken += [job.ema_name] if job.ema is not None and job.ema.nonfinite() else []
+        if broken:  # never checkpoint them: the last checkpoint stays the one to resume from
+            raise FloatingPointError(
+                f"non-finite weights in {', '.join(broken)} after the updates of step {step + 1} (updated: "
+                f"{', '.join(job.updated) or 'none'}); nothing of this step is saved; {resume_hint(run_dir)}")
         metrics = distributed.mean_across_ranks(metrics)
         elapsed = time.perf_counter() - start
         metrics.update({"time/step_s": elapsed, "time/samples_per_s": samples_per_iteration / elapsed,
@@ -120,22 +202,28 @@ def train(cfg: TrainConfig, run_dir: str | Path, config_yaml: str = "") -> dict:
         if cfg.logger.video_every > 0 and (step + 1) % cfg.logger.video_every == 0:  # every rank: ZeRO-3 gathers
             job.log_media(step + 1, logger)
         done = step + 1 == cfg.trainer.max_steps
-        preempted = preemption.agreed()
-        if done or preempted or (step + 1) % cfg.trainer.checkpoint_every == 0:
+        stopped = interrupts.agreed()
+        if done or stopped or (step + 1) % cfg.trainer.checkpoint_every == 0:
             save(step + 1)
-        if preempted:
-            if d.is_main:  # launch/slurm/train.sbatch requeues the job when it finds this marker
+        if stopped:
+            preempted = distributed.any_rank(interrupts.preempted)
+            if preempted and d.is_main:  # launch/slurm/train.sbatch requeues the job when it finds this marker
                 (run_dir / "PREEMPTED").write_text(f"{step + 1}\n")
-                print(f"[sf] preempted: checkpoint saved at step {step + 1}, exiting for requeue", flush=True)
+            if preempted:
+                log.info(f"preempted: checkpoint saved at step {step + 1}, exiting for requeue")
+            else:
+                log.info(f"stopped: checkpoint saved at step {step + 1}; rerun the command to resume")
             break
 
-    if preempted and "SUBMITIT_EXECUTOR" in os.environ:
+    if stopped and "SUBMITIT_EXECUTOR" in os.environ:
         # A submitit job that returns is "done", and the sweep would end before its requeued run; leave without a
         # result so the launcher waits for the requeued job, which resumes from the checkpoint just written.
+        # submitit's own handler of its signal (SIGUSR2: requeue the job) runs now that the checkpoint exists.
         logger.finish()
         distributed.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
+        interrupts.chain()
         os._exit(0)
     end_fingerprints = {name: fingerprint(module) for name, module in watched.items()}
     (run_dir / f"fingerprints_rank{d.rank}.json").write_text(
@@ -148,8 +236,6 @@ def train(cfg: TrainConfig, run_dir: str | Path, config_yaml: str = "") -> dict:
 def _dtype(precision: str, device) -> torch.dtype:
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"trainer.precision must be auto, fp32 or bf16, got {precision!r}")
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
@@ -158,7 +244,8 @@ def _plain(cfg: TrainConfig) -> dict:
 
 
 def name_wandb_run(cfg: TrainConfig, hydra_cfg) -> None:
-    """Dashboard identity: group by experiment (and sweep), tags from the overrides, name from the run dir."""
+    """Dashboard identity: group by experiment (and sweep), tags from the overrides, name from the run dir, job
+    type from the task."""
     from hydra.types import RunMode
 
     sweep = hydra_cfg.mode == RunMode.MULTIRUN
@@ -169,10 +256,17 @@ def name_wandb_run(cfg: TrainConfig, hydra_cfg) -> None:
     if cfg.logger.name is None:
         run_dir = Path(hydra_cfg.runtime.output_dir)
         cfg.logger.name = f"{cfg.name}/{run_dir.parent.name}/{run_dir.name}" if sweep else f"{cfg.name}/{run_dir.name}"
+    if cfg.logger.job_type is None:
+        cfg.logger.job_type = cfg.task.name
+
+
+# Mistakes a user can make, reported as one line (SF_TRACEBACK=1 shows the traceback instead).
+USER_ERRORS = (ValueError, OSError, FloatingPointError, RunDirBusy)
 
 
 def main() -> None:
     """Hydra entry point (`sf-train`, `python -m sf.train`)."""
+    die_with_launcher(signal.SIGHUP)  # a worker of torchrun / the deepspeed launcher must not outlive it
     import hydra
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
@@ -181,10 +275,10 @@ def main() -> None:
 
     try:
         check_task_override(sys.argv[1:], task_choices())
+        check_run_dir_writable(sys.argv[1:])
         sys.argv += search_path_overrides()
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_error(e, 2)
     register_configs()
 
     @hydra.main(version_base=None, config_path="pkg://sf.conf", config_name="config")
@@ -192,15 +286,13 @@ def main() -> None:
         try:
             cfg = to_train_config(dict_cfg)
         except Exception as e:  # omegaconf's missing-value / validation errors: one line, naming the key
-            print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-            sys.exit(2)
+            exit_with_error(e, 2)
         hydra_cfg = HydraConfig.get()
         name_wandb_run(cfg, hydra_cfg)
         try:
             train(cfg, hydra_cfg.runtime.output_dir, OmegaConf.to_yaml(dict_cfg, resolve=True))
-        except (ValueError, FileNotFoundError, FloatingPointError) as e:  # bad input: one line, no traceback
-            print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-            sys.exit(1)
+        except USER_ERRORS as e:  # bad input, a damaged file, a full disk: one line, no traceback
+            exit_with_error(e, 1)
 
     _run()
 
@@ -211,6 +303,21 @@ def check_task_override(argv: list[str], choices: list[str]) -> None:
         key, _, value = arg.lstrip("+~").partition("=")
         if key == "task" and value and "," not in value and value not in choices:
             raise ValueError(f"unknown task {value!r}; the known tasks are {', '.join(choices)}")
+
+
+def check_run_dir_writable(argv: list[str]) -> None:
+    """The run dir (`hydra.run.dir=`, else ./outputs) must be creatable: Hydra writes into it before sf runs."""
+    if "-m" in argv or "--multirun" in argv or any(a.startswith("--") for a in argv):  # sweeps, --help, --cfg
+        return
+    chosen = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")]
+    target = Path(chosen[-1] if chosen else "outputs").expanduser().absolute()
+    if "${" in str(target):
+        return
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"run dir {target} cannot be created or written ({existing} is not a writable folder)")
 
 
 if __name__ == "__main__":

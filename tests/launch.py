@@ -43,8 +43,21 @@ def run_train(run_dir: Path, overrides: list[str], nproc: int = 2, timeout: floa
     return result
 
 
-def run_and_kill(run_dir: Path, overrides: list[str], kill_after_step: int, nproc: int = 2, timeout: float = 300) -> None:
-    """Start a job and SIGKILL its whole process group once metrics.jsonl has reached `kill_after_step`."""
+def run_job(run_dir: Path, overrides: list[str], nproc: int = 1, timeout: float = 300, **env) -> subprocess.CompletedProcess:
+    """Run to the end, whatever the outcome (tests of failures read returncode and stderr)."""
+    return subprocess.run(train_command(run_dir, overrides, nproc), cwd=REPO, env=job_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    """The non-empty lines a failed job printed on stderr that are not library chatter (warnings, progress)."""
+    return [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+
+
+def run_and_kill(run_dir: Path, overrides: list[str], kill_after_step: int, nproc: int = 2, timeout: float = 300,
+                 when=None) -> None:
+    """Start a job and SIGKILL its whole process tree once metrics.jsonl has reached `kill_after_step` and, if
+    given, `when()` is true (e.g. while a checkpoint is being written)."""
     proc = subprocess.Popen(train_command(run_dir, overrides, nproc), cwd=REPO, env=job_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + timeout
@@ -52,9 +65,9 @@ def run_and_kill(run_dir: Path, overrides: list[str], kill_after_step: int, npro
         while time.time() < deadline:
             if proc.poll() is not None:
                 raise AssertionError(f"job ended (rc {proc.returncode}) before reaching step {kill_after_step}")
-            if any(row["step"] >= kill_after_step for row in read_metrics(run_dir)):
+            if any(row["step"] >= kill_after_step for row in read_metrics(run_dir)) and (when is None or when()):
                 break
-            time.sleep(0.05)
+            time.sleep(0.01 if when else 0.05)
         else:
             raise AssertionError(f"job did not reach step {kill_after_step} in {timeout}s")
     finally:

@@ -32,6 +32,8 @@ def test_help(entry, capsys):
     assert "usage:" in capsys.readouterr().out
 
 
-def test_export_of_a_folder_without_checkpoints_is_a_clear_error(tmp_path):
-    with pytest.raises(SystemExit, match="neither a complete checkpoint nor a run dir"):
+def test_export_of_a_folder_without_checkpoints_is_a_clear_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
         export_main([str(tmp_path)])
+    assert exit_info.value.code == 1
+    assert "neither a complete checkpoint nor a run dir" in capsys.readouterr().err

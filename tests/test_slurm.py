@@ -158,27 +158,46 @@ def test_hydra_sweep_through_submitit(slurm_cluster, tmp_path, launcher):  # noq
     assert losses[0] != losses[1]  # each job got its own sweep point
 
 
-def test_requeued_sweep_job_finishes_before_the_sweep_returns(slurm_cluster, tmp_path):  # noqa: F811
-    # a requeued submitit job checkpoints on SIGTERM; it must not report "done" then, or the sweep would return
-    # while its requeued run is still training
+def interrupted_sweep(cluster, tmp_path, steps: int, at_step: int, interrupt, extra=()) -> tuple[Path, str]:
+    """Run a one-job sweep on slurm, `interrupt(job)` once it has logged `at_step`; its sweep dir and output."""
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "sf.train", "-m", "hydra/launcher=slurm", *SMOKE, "trainer.max_steps=30",
-           "trainer.checkpoint_every=5", "seed=1", f"hydra.sweep.dir={sweep}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=slurm_env(slurm_cluster), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    cmd = [sys.executable, "-m", "sf.train", "-m", "hydra/launcher=slurm", *SMOKE, f"trainer.max_steps={steps}",
+           *extra, "seed=1", f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=slurm_env(cluster), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     try:
         deadline = time.time() + 240
-        while not any(r["step"] >= 7 for r in read_metrics(sweep / "0")):
-            assert proc.poll() is None and time.time() < deadline, "the sweep job never reached step 7"
+        while not any(r["step"] >= at_step for r in read_metrics(sweep / "0")):
+            assert proc.poll() is None and time.time() < deadline, f"the sweep job never reached step {at_step}"
             time.sleep(0.2)
-        job = slurm_cluster.client("squeue", "-h", "-o", "%A").stdout.split()[0]
-        slurm_cluster.requeue(job)
+        interrupt(cluster.client("squeue", "-h", "-o", "%A").stdout.split()[0])
         output, _ = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, output[-4000:]
+    return sweep, output
+
+
+def test_requeued_sweep_job_finishes_before_the_sweep_returns(slurm_cluster, tmp_path):  # noqa: F811
+    # a requeued submitit job checkpoints on SIGTERM; it must not report "done" then, or the sweep would return
+    # while its requeued run is still training
+    sweep, _ = interrupted_sweep(slurm_cluster, tmp_path, 30, 7, slurm_cluster.requeue,
+                                 extra=["trainer.checkpoint_every=5"])
     rows = read_metrics(sweep / "0")
     assert steps(rows) == list(range(1, 31))  # the sweep returned only after the requeued run finished
     job_log = "".join(p.read_text(errors="replace") for p in sorted(sweep.glob(".submitit/*/*log.out")))
     assert "resumed from" in job_log
+
+
+def test_sweep_job_signalled_before_its_time_limit_checkpoints_at_the_step_end_and_is_requeued(
+        slurm_cluster, tmp_path):  # noqa: F811
+    """submitit's signal (SIGUSR2, sent `signal_delay_s` before the time limit): every rank finishes its step and
+    saves a checkpoint, then submitit's own handler requeues the job, which resumes; the sweep returns after it."""
+    sweep, _ = interrupted_sweep(slurm_cluster, tmp_path, 30, 5, lambda job: slurm_cluster.signal(job, "USR2"),
+                                 extra=["trainer.checkpoint_every=100"])
+    job_log = "".join(p.read_text(errors="replace") for p in sorted(sweep.glob(".submitit/*/*log.out")))
+    stops = [int(s) for s in re.findall(r"\[sf\] preempted: checkpoint saved at step (\d+)", job_log)]
+    assert len(stops) == 1 and 5 <= stops[0] < 30, job_log[-4000:]  # no checkpoint_every before it: the signal's
+    assert f"resumed from {sweep / '0' / 'checkpoints' / f'step_{stops[0]:06d}'} at step {stops[0]}" in job_log
+    assert steps(read_metrics(sweep / "0")) == list(range(1, 31))

@@ -13,9 +13,11 @@ from sf.video import latent_preview
 
 def test_non_finite_loss_stops_with_one_line_naming_the_step():
     check_finite(torch.tensor(1.0), "critic", 3)
-    with pytest.raises(FloatingPointError, match="non-finite generator loss at step 7") as err:
-        check_finite(torch.tensor(float("nan")), "generator", 7)
-    assert "\n" not in str(err.value)
+    with pytest.raises(FloatingPointError, match="non-finite generator loss at step 8 ") as err:  # from 1, as logged
+        check_finite(torch.tensor(float("nan")), "generator", 7, "generator")
+    assert "\n" not in str(err.value) and "generator not updated; nothing of this step" in str(err.value)
+    with pytest.raises(FloatingPointError, match="critic not updated; generator already updated in this step"):
+        check_finite(torch.tensor(float("inf")), "critic", 7, "critic", ["generator"])
 
 
 def test_linear_warmup_is_stateless():

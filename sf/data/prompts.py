@@ -21,12 +21,14 @@ a resumed slot re-reads its epoch and skips the consumed samples (cheap for prom
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import random
 import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,9 +54,9 @@ class PromptDataConfig:
     """Where the prompt shards are and how to stream them."""
 
     shards: str = ""  # a directory of *.tar, a glob, a brace pattern, or several joined with '::'
-    batch_size: int = 1
-    num_workers: int = 0  # DataLoader worker processes; 0 reads in the training process
-    shuffle_buffer: int = 100  # samples held for shuffling; <= 1 keeps shard and sample order
+    batch_size: int = field(default=1, metadata={"min": 1})
+    num_workers: int = field(default=0, metadata={"min": 0})  # DataLoader worker processes; 0: in the training process
+    shuffle_buffer: int = field(default=100, metadata={"min": 0})  # samples held for shuffling; <= 1 keeps the order
     resample: bool = True  # True: endless stream, reshuffled every epoch; False: one epoch per iteration
     seed: int = 0
 
@@ -173,6 +175,32 @@ def collate_prompts(samples: list[dict[str, Any]]) -> dict[str, Any]:
         mask[row, :n] = sample["mask"]
     batch["features"], batch["mask"] = features, mask
     return batch
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """The prompts of a text file, one per line (blank lines skipped); ValueError naming the file (and the line)
+    when it is missing, not UTF-8, or holds no prompt."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    prompts = []
+    for number, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as exn:
+            raise ValueError(f"prompt file {path}, line {number}: not UTF-8 text ({exn.reason} at byte "
+                             f"{exn.start})") from None
+        if line:
+            prompts.append(line)
+    if not prompts:
+        raise ValueError(f"prompt file {path} holds no prompt (only blank lines)")
+    return prompts
+
+
+def file_record(path: str | Path) -> dict[str, Any]:
+    """What a file was when something was made from it: its absolute path, size and sha256."""
+    path = Path(path).resolve()
+    return {"path": str(path), "bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
 
 
 def prompt_features(encoder: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:

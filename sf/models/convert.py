@@ -151,17 +151,31 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str, DiT
         state.update(tensors)
         metadata.update(meta)
     state = strip_wrappers(state)
-    fmt = detect_format(state)
+    if "sf_codec" in metadata:
+        raise CheckpointError(f"{path}: a video codec ({metadata['sf_codec']} VAE) file, not DiT weights")
+    try:
+        fmt = detect_format(state)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     state = convert_state_dict(state, fmt, "sf")
     config = None
     if "sf_config" in metadata:
-        config = DiTConfig.from_dict(json.loads(metadata["sf_config"]))
+        try:
+            config = DiTConfig.from_dict(json.loads(metadata["sf_config"]))
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{path}: its sf_config metadata is not a DiT config ({e})") from None
     else:
         config_file = (path if path.is_dir() else path.parent) / "config.json"
         if (path / "transformer" / "config.json").exists():
             config_file = path / "transformer" / "config.json"
         if config_file.exists():
-            config = config_from_json(json.loads(config_file.read_text()), state)
+            try:
+                raw = json.loads(config_file.read_text())
+            except (ValueError, OSError) as e:
+                raise CheckpointError(f"{config_file}: not a readable JSON config ({e})") from None
+            if not isinstance(raw, dict):
+                raise CheckpointError(f"{config_file}: expected a JSON object, found {type(raw).__name__}")
+            config = config_from_json(raw, state)
     return state, fmt, config
 
 

@@ -393,7 +393,7 @@ _CODECS: dict[str, type[VideoCodec]] = {"wan": WanVAE, "identity": IdentityCodec
 class CodecConfig:
     """Which codec: a kind, a named Wan config with overrides, or saved weights (a codec file or diffusers dir)."""
 
-    kind: str = "wan"  # wan | identity
+    kind: str = field(default="wan", metadata={"choices": ("wan", "identity")})
     flavor: str = "world"  # a key of WAN_VAE_CONFIGS (kind wan, no checkpoint)
     checkpoint: Optional[str] = None  # a save_codec file, or a diffusers AutoencoderKLWan directory
     overrides: dict = field(default_factory=dict)  # WAN_VAE_CONFIGS fields (fresh codecs only)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,6 +13,7 @@ from sf.config import RANDOM_INIT, NetConfig
 from sf.distributed import EMA, RoleSpec, Trainable
 from sf.models.convert import check_state_dict, load_dit, save_state_dict
 from sf.models.dit import VideoDiT, dit_config
+from sf.schema import at_least, fraction
 
 if TYPE_CHECKING:
     from sf.config import TrainConfig
@@ -33,8 +34,8 @@ class Runtime:
 class EmaConfig:
     """Moving average of the trained weights (what is exported as `<role>_ema` and sampled from)."""
 
-    decay: float = 0.99  # 0 disables it
-    start_step: int = 0  # the EMA starts as a copy at the first update at or after this step
+    decay: float = field(default=0.99, metadata=fraction())  # 0 disables it
+    start_step: int = field(default=0, metadata=at_least(0))  # starts as a copy at the first update at/after it
 
 
 class Job:
@@ -53,6 +54,7 @@ class Job:
         self.cfg, self.task, self.runtime = cfg, cfg.task, runtime
         self.dist, self.device, self.dtype = runtime.dist, runtime.dist.device, runtime.dtype
         self.roles, self.frozen = {}, {}
+        self.updated: list[str] = []  # roles whose optimizer stepped in the current step (the runner resets it)
 
     # ---- the interface the runner calls
 
@@ -92,6 +94,14 @@ class Job:
         """The architecture of an exported role (the EMA shares its role's)."""
         return self.roles[name.removesuffix("_ema")].module.cfg
 
+    def architectures(self) -> dict[str, dict]:
+        """Each trained role's architecture as a dict (recorded in checkpoints, compared when resuming)."""
+        out = {}
+        for name, role in self.roles.items():
+            module = role.module
+            out[name] = module.codec_config() if hasattr(module, "codec_config") else module.cfg.to_dict()
+        return out
+
     # ---- helpers for subclasses
 
     def train_role(self, module: torch.nn.Module, name: str, gradient_checkpointing: bool = False) -> Trainable:
@@ -108,8 +118,9 @@ class Job:
 
     def optimise(self, role: Trainable, loss: torch.Tensor, what: str, step: int) -> None:
         """Backward and (at the end of the update) step `role` on a loss every rank has checked to be finite."""
-        check_finite(loss, what, step)
-        role.step(loss)
+        check_finite(loss, what, step, role.name, self.updated)
+        if role.step(loss) is not None:
+            self.updated.append(role.name)
 
     def finish_update(self, out: dict, role: Trainable, step: int) -> dict:
         """After the last micro-batch of an update of `role`: its gradient norm into `out`, then its EMA."""
@@ -126,12 +137,14 @@ class Job:
 # ---------------------------------------------------------------------------------------------------- builders
 
 
-def check_finite(loss: torch.Tensor, what: str, step: int) -> None:
-    """Stop every rank before a non-finite loss reaches the weights (the last checkpoint stays good)."""
+def check_finite(loss: torch.Tensor, what: str, step: int, role: str = "", updated: list[str] = ()) -> None:
+    """Stop every rank before a non-finite loss reaches `role`'s weights, saying truthfully what this step
+    (`step` counts from 0; the message, like metrics.jsonl, from 1) had already updated."""
     if distributed.any_rank(not bool(torch.isfinite(loss).all())):
+        done = f"; {', '.join(updated)} already updated in this step" if updated else ""
         raise FloatingPointError(
-            f"non-finite {what} loss at step {step} (on some rank); weights not updated, "
-            f"resume from the last checkpoint (rerun the command), e.g. with a lower learning rate"
+            f"non-finite {what} loss at step {step + 1} (on some rank): {role or 'its role'} not updated{done}; "
+            f"nothing of this step is saved"
         )
 
 

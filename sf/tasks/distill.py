@@ -18,7 +18,9 @@ from sf.diffusion.flow import dmd_timestep
 from sf.distill.losses import critic_loss, dmd_loss, sid_loss, x0_predictor
 from sf.distill.rollout import RolloutConfig, generate, self_forcing_rollout
 from sf.distributed import OptimizerConfig
+from sf.logging import log
 from sf.rng import SampleNoise, seed_for
+from sf.schema import above, at_least, between, one_of
 from sf.tasks.base import EmaConfig, Job, accumulate, build_net, build_text_encoder, copy_weights, in_dtype, video_decoder
 
 
@@ -36,16 +38,16 @@ class DistillTask:
 
     needs_teacher: ClassVar[bool] = True
     name: str = "distill"
-    objective: str = "dmd"  # dmd | sid
-    cfg_scale: float = 3.0  # real = cond + cfg_scale * (cond - uncond)
-    timestep_shift: float = 5.0
-    min_timestep_ratio: float = 0.02
-    max_timestep_ratio: float = 0.98
+    objective: str = field(default="dmd", metadata=one_of("dmd", "sid"))
+    cfg_scale: float = field(default=3.0, metadata=at_least(0))  # real = cond + cfg_scale * (cond - uncond)
+    timestep_shift: float = field(default=5.0, metadata=above(0))
+    min_timestep_ratio: float = field(default=0.02, metadata=between(0, 1))
+    max_timestep_ratio: float = field(default=0.98, metadata=between(0, 1))
     timestep_from_exit: bool = False  # draw t only within the exit step's noise interval (reference's ts_schedule)
-    gen_update_every: int = 5
+    gen_update_every: int = field(default=5, metadata=at_least(1))
     sid_alpha: float = 1.2
-    latent_height: int = 4
-    latent_width: int = 4
+    latent_height: int = field(default=4, metadata=at_least(1))
+    latent_width: int = field(default=4, metadata=at_least(1))
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     ema: EmaConfig = field(default_factory=lambda: EmaConfig(decay=0.99, start_step=200))
     optim: DistillOptim = field(default_factory=DistillOptim)
@@ -64,20 +66,59 @@ def build_networks(cfg):
 
 
 def prepare_prompt_shards(spec: str, run_dir, rank: int) -> str:
-    """A .txt prompt list becomes shards in run_dir/data/prompts once (rank 0); shard specs pass through."""
-    from sf.data.prompts import write_prompt_shards
+    """A .txt prompt list becomes shards in run_dir/data/prompts (rank 0), recorded with what they were made from
+    (`DONE`: the file's path, size and sha256); shard specs pass through.
+
+    A rerun finds them made from the same file and reuses them. If the file changed since: before the run's first
+    checkpoint the shards are rebuilt (a warning says so); after it, the run refuses to go on, because its saved
+    data position refers to the old prompts. Every error names the user's file.
+    """
+    import json
+    import shutil
+
+    from sf.checkpoint import latest_checkpoint
+    from sf.data.prompts import file_record, read_prompt_file, write_prompt_shards
 
     if not spec.endswith(".txt"):
         return spec
     out = Path(run_dir) / "data" / "prompts"
-    if rank == 0 and not (out / "DONE").exists():
-        if not Path(spec).is_file():
-            raise FileNotFoundError(f"data.shards: prompt file {spec} does not exist")
-        prompts = [line.strip() for line in Path(spec).read_text().splitlines() if line.strip()]
-        write_prompt_shards(prompts, str(out), samples_per_shard=max(1, len(prompts) // 8))
-        (out / "DONE").write_text("")
-    distributed.barrier()
+    problem = None
+    if rank == 0:
+        try:
+            record = file_record(spec) if Path(spec).is_file() else None
+            done = out / "DONE"
+            made_from = _json_or_none(done.read_text()) if done.exists() else None
+            resumed = latest_checkpoint(run_dir) is not None
+            if made_from is not None and record is not None and made_from.get("sha256") == record["sha256"]:
+                pass  # the shards of this very file
+            elif done.exists() and made_from is None and resumed:
+                pass  # made by an older sf, which kept no record: nothing to compare
+            elif done.exists() and resumed:
+                what = "changed" if record is not None else "is gone"
+                raise ValueError(f"data.shards: {spec} {what} since this run made its prompt shards from it (see "
+                                 f"{done}); restore it, or start a new run dir")
+            else:
+                if done.exists():
+                    log.warning(f"warning: {spec} changed since its prompt shards were made: rebuilding them")
+                prompts = read_prompt_file(spec)
+                shutil.rmtree(out, ignore_errors=True)
+                write_prompt_shards(prompts, str(out), samples_per_shard=max(1, len(prompts) // 8))
+                (out / "DONE").write_text(json.dumps({**file_record(spec), "prompts": len(prompts)}) + "\n")
+        except (ValueError, OSError) as e:
+            problem = f"data.shards: {e}" if not str(e).startswith("data.shards") else str(e)
+    problem = distributed.broadcast_object(problem)
+    if problem:
+        raise ValueError(problem)
     return str(out)
+
+
+def _json_or_none(text: str):
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None  # a marker written by an older sf: not a record
 
 
 def exits_agree(exit_steps: torch.Tensor) -> float:

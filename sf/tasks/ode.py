@@ -13,19 +13,20 @@ The student starts from the teacher's weights unless `model.checkpoint` is given
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import ClassVar, Optional
 
 import torch
 
 from sf import distributed
 from sf.data.bank import SampleBank
+from sf.data.prompts import read_prompt_file
 from sf.data.shards import CorruptSample, decode_text, iter_samples, list_shards
 from sf.distill.losses import ode_regression_loss
 from sf.distill.ode_pairs import decode_ode_sample, student_sigmas, write_ode_pairs
 from sf.distill.rollout import RolloutConfig, generate
 from sf.distributed import OptimizerConfig
 from sf.rng import seed_for
+from sf.schema import above, at_least
 from sf.tasks.base import EmaConfig, Job, accumulate, build_net, build_text_encoder, copy_weights, in_dtype, video_decoder
 
 
@@ -42,14 +43,15 @@ class OdeTask:
 
     needs_teacher: ClassVar[bool] = True
     name: str = "ode"
-    num_pairs: int = 256  # prompts (the first of data.shards) sampled by the teacher into run_dir/data/ode
-    num_steps: int = 48
-    shift: float = 8.0
-    cfg_scale: float = 3.0
-    batch_size: int = 16  # prompts per teacher sampling batch
+    # prompts (the first of data.shards) sampled by the teacher into run_dir/data/ode
+    num_pairs: int = field(default=256, metadata=at_least(1))
+    num_steps: int = field(default=48, metadata=at_least(1))
+    shift: float = field(default=8.0, metadata=above(0))
+    cfg_scale: float = field(default=3.0, metadata=at_least(0))
+    batch_size: int = field(default=16, metadata=at_least(1))  # prompts per teacher sampling batch
     shards: Optional[str] = None  # existing ode.safetensors shards: skip the sampling
-    latent_height: int = 4
-    latent_width: int = 4
+    latent_height: int = field(default=4, metadata=at_least(1))
+    latent_width: int = field(default=4, metadata=at_least(1))
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     ema: EmaConfig = field(default_factory=lambda: EmaConfig(decay=0.99))
     optim: OdeOptim = field(default_factory=OdeOptim)
@@ -58,9 +60,7 @@ class OdeTask:
 def read_captions(spec: str, limit: int) -> list[str]:
     """The first `limit` captions of a .txt file (one per line) or of shards with a ``txt`` member."""
     if spec.endswith(".txt"):
-        if not Path(spec).is_file():
-            raise FileNotFoundError(f"data.shards: prompt file {spec} does not exist")
-        captions = [line.strip() for line in Path(spec).read_text().splitlines() if line.strip()]
+        captions = read_prompt_file(spec)
     else:
         captions = []
         for raw in iter_samples(list_shards(spec)):

@@ -20,6 +20,7 @@ from sf.diffusion.flow import dmd_timestep
 from sf.distill.losses import flow_matching_loss
 from sf.distributed import OptimizerConfig
 from sf.rng import SampleNoise, seed_for
+from sf.schema import above, at_least, between
 from sf.tasks.base import EmaConfig, Job, accumulate, build_net, build_text_encoder, in_dtype, video_decoder
 
 
@@ -36,11 +37,13 @@ class TeacherTask:
 
     needs_teacher: ClassVar[bool] = False
     name: str = "teacher"
-    caption_dropout: float = 0.1  # share of samples trained on the negative prompt (the unconditional branch)
-    timestep_shift: float = 3.0  # t = shift(u), u uniform: more steps at high noise, where layout is decided
-    sample_steps: int = 32  # teacher sampler steps for the sample videos
-    sample_shift: float = 5.0
-    sample_cfg_scale: float = 3.0
+    # share of samples trained on the negative prompt (the unconditional branch)
+    caption_dropout: float = field(default=0.1, metadata=between(0, 1))
+    # t = shift(u), u uniform: more steps at high noise, where layout is decided
+    timestep_shift: float = field(default=3.0, metadata=above(0))
+    sample_steps: int = field(default=32, metadata=at_least(1))  # teacher sampler steps for the sample videos
+    sample_shift: float = field(default=5.0, metadata=above(0))
+    sample_cfg_scale: float = field(default=3.0, metadata=at_least(0))
     ema: EmaConfig = field(default_factory=lambda: EmaConfig(decay=0.999))
     optim: TeacherOptim = field(default_factory=TeacherOptim)
 

@@ -21,6 +21,7 @@ from sf.data.bank import SampleBank, decode_pixel_sample
 from sf.distributed import OptimizerConfig
 from sf.models.vae import WanVAE, codec_from_config, save_codec, video_from_uint8
 from sf.rng import seed_for
+from sf.schema import at_least
 from sf.tasks.base import Job, accumulate
 
 
@@ -37,15 +38,16 @@ class VaeTask:
 
     needs_teacher: ClassVar[bool] = False
     name: str = "vae"
-    kl_weight: float = 1.0e-6
+    kl_weight: float = field(default=1.0e-6, metadata=at_least(0))
     sample_posterior: bool = True  # False: decode the posterior mean (trains much faster from scratch)
-    foreground_weight: float = 0.0  # > 0: pixels away from the clip's background weigh 1 + this in the L1
-    l2_weight: float = 0.0  # > 0: add this x the (equally weighted) squared error to the L1
-    crop_frames: int = 41  # random 1 + 4k frame window of each clip
-    crop_size: int = 32  # random square crop, a multiple of the spatial compression
+    # > 0: pixels away from the clip's background weigh 1 + this in the L1
+    foreground_weight: float = field(default=0.0, metadata=at_least(0))
+    l2_weight: float = field(default=0.0, metadata=at_least(0))  # > 0: add this x the squared error to the L1
+    crop_frames: int = field(default=41, metadata=at_least(1))  # random 1 + 4k frame window of each clip
+    crop_size: int = field(default=32, metadata=at_least(1))  # random square crop, a multiple of the compression
     # stages [steps, window frames, windows per clip] run first, in order; then crop_frames x 1 window per clip
     curriculum: list = field(default_factory=list)
-    stats_videos: int = 32  # full clips encoded to fit the per-channel latent mean/std written with every export
+    stats_videos: int = field(default=32, metadata=at_least(1))  # full clips encoded to fit the per-channel latent mean/std written with every export
     optim: VaeOptim = field(default_factory=VaeOptim)
 
 

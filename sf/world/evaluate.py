@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sf.io import existing_file, one_line_errors, writable_dir
 from sf.world import ASSETS
 from sf.world.report import ORACLE_DEFINITION, format_table, write_report
 from sf.world.scenes import caption, make_scene, render
@@ -222,6 +223,7 @@ def load_net(path: str | Path, device: str = "cpu"):
     return load_dit(str(path)).to(device).eval()
 
 
+@one_line_errors
 def main(argv: list[str] | None = None) -> None:
     """sf-eval: oracle, world-FVD, NFE and speed (and drift) of exported world models; writes a report."""
     parser = argparse.ArgumentParser(prog="sf-eval", description=__doc__.split("\n\n")[0],
@@ -243,16 +245,23 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not (args.teacher or args.ode_init or args.student or args.vae_round_trip):
         parser.error("give at least one of --teacher, --ode-init, --student, --vae-round-trip")
+    # everything that can be wrong with the inputs and the output is found before the first video is generated
+    writable_dir(args.out)
+    models = {name: path for name, path in (("teacher", args.teacher), ("ode_init", args.ode_init),
+                                             ("student", args.student)) if path is not None}
+    nets = {name: load_net(existing_file(path, f"--{name.replace('_', '-')}")) for name, path in models.items()}
+    missing = [str(args.assets / f) for f in ("vae.safetensors", "text_encoder.safetensors", "classifier.safetensors")
+               if not (args.assets / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"--assets {args.assets} lacks {', '.join(missing)} (the world's weights: make assets)")
 
     evaluator = WorldEvaluator(EvalConfig(split=args.split, num_videos=args.num_videos,
                                           teacher_steps=args.teacher_steps), args.assets)
     rollout = RolloutConfig(denoising_steps=args.steps, num_frames=evaluator.latent_shape[0],
                             frames_per_block=args.frames_per_block)
     report, samples, drift = {}, {}, {}
-    for name, path in (("teacher", args.teacher), ("ode_init", args.ode_init), ("student", args.student)):
-        if path is None:
-            continue
-        net = load_net(path)
+    for name, path in models.items():
+        net = nets[name]
         if name == "teacher":
             report[name], videos = evaluator.evaluate_teacher(net)
         else:
