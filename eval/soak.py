@@ -81,14 +81,17 @@ def run_and_kill(run_dir: Path, args, when) -> str:
 
 
 def exports(run_dir: Path) -> dict[str, tuple[dict, dict]]:
-    """Every exported file of the final checkpoint: its tensors (as bytes) and its metadata. Not the file's own
-    bytes: safetensors writes the metadata in an arbitrary order."""
+    """Every exported file of the final checkpoint: its tensors (as bytes) and its metadata but the run config
+    (which names its own run dir: the trials' differ from the reference's). Not the file's own bytes:
+    safetensors writes the metadata in an arbitrary order."""
+    from sf.config import RUN_CONFIG_KEY
     from sf.io import read_safetensors
 
     final = sorted((run_dir / "checkpoints").glob("step_[0-9]*[0-9]"))[-1] / "export"
     out = {}
     for path in sorted(final.glob("*.safetensors")):
         tensors, metadata = read_safetensors(path)
+        metadata.pop(RUN_CONFIG_KEY, None)
         out[path.name] = ({k: t.numpy().tobytes() for k, t in tensors.items()}, metadata)
     return out
 

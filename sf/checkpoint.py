@@ -62,6 +62,29 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint folder, or the newest complete one of a run dir."""
+    path = Path(path)
+    if (path / COMPLETE).exists():
+        return path
+    latest = latest_checkpoint(path)
+    if latest is None:
+        raise FileNotFoundError(f"{path} is neither a complete checkpoint nor a run dir with one")
+    return latest
+
+
+def saved_roles(checkpoint: Path) -> tuple[dict[str, dict | None], str | None]:
+    """The trained roles of a checkpoint with their architectures (None when not recorded), and its EMA's name."""
+    state_file = checkpoint / "trainer" / "state.json"
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{state_file}: not readable ({e})") from None
+    if state.get("architectures"):
+        return dict(state["architectures"]), state.get("ema")
+    return {"generator": None, "critic": None}, "generator_ema"  # written before roles were recorded: distill
+
+
 def rng_state() -> dict:
     """This process's global RNG states (torch CPU/CUDA, python, numpy) as tensors + JSON-able values."""
     py_version, py_state, py_gauss = random.getstate()

@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from sf.data.prompts import PromptDataConfig
 from sf.distributed import DeepSpeedConfig
@@ -60,11 +61,17 @@ class CriticConfig(NetConfig):
 
 @dataclass
 class TextConfig:
-    """Text features: an open_clip text tower (weights from a local file), unless the shards carry embeddings."""
+    """Text features: Wan's UMT5 or an open_clip tower, each from local files; features cached in the shards (and a
+    table of fixed prompts, `sf-embed`) are used instead whenever they are there."""
 
-    model_name: str = "sf-tiny-clip"
-    pretrained: Optional[str] = None
-    max_length: Optional[int] = field(default=77, metadata=at_least(1))  # fixed length (zero-padded, as Wan pads to 512): batching never changes results
+    # auto: UMT5 when `pretrained`, else the teacher's checkpoint, is a Wan directory with a text encoder;
+    # open_clip otherwise
+    kind: str = field(default="auto", metadata=one_of("auto", "umt5", "open_clip"))
+    model_name: str = "sf-tiny-clip"  # open_clip: the architecture
+    pretrained: Optional[str] = None  # open_clip: a weights file; umt5: a Wan model directory (or its text_encoder/)
+    # fixed length (zero-padded, so batching never changes results); null: the encoder's own (UMT5 512, open_clip 77)
+    max_length: Optional[int] = field(default=None, metadata=at_least(1))
+    table: Optional[str] = None  # fixed prompts' features (sf-embed); null: <data.shards>/prompt_table.safetensors
     negative_prompt: str = ""
 
 
@@ -83,6 +90,7 @@ class TrainerConfig:
     keep_last: int = field(default=2, metadata=at_least(0))
     export_on_checkpoint: bool = True
     timeout_minutes: int = field(default=30, metadata=at_least(1))
+    dry_run: bool = False  # check everything that can be checked without loading weights, say what would run, exit
 
 
 @dataclass
@@ -97,7 +105,7 @@ class TrainConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     critic: CriticConfig = field(default_factory=CriticConfig)
     text: TextConfig = field(default_factory=TextConfig)
-    codec: CodecConfig = field(default_factory=lambda: CodecConfig(kind="identity"))
+    codec: CodecConfig = field(default_factory=lambda: CodecConfig(kind="auto"))
     data: PromptDataConfig = field(default_factory=lambda: PromptDataConfig(shards=MISSING))
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -129,6 +137,17 @@ def register_configs() -> None:
         store.store(group="schema/task", name=name, node=schema)
     if not OmegaConf.has_resolver("sf.asset"):
         OmegaConf.register_new_resolver("sf.asset", asset_path)
+    if not OmegaConf.has_resolver("sf.wan_negative_prompt"):  # ${sf.wan_negative_prompt:}: Wan's standard one
+        from sf.models.wan import WAN_NEGATIVE_PROMPT
+
+        OmegaConf.register_new_resolver("sf.wan_negative_prompt", lambda: WAN_NEGATIVE_PROMPT)
+    if not OmegaConf.has_resolver("sf.required"):  # ${sf.required:key,what}: a recipe's value the user must give
+        OmegaConf.register_new_resolver("sf.required", _required)
+
+
+def _required(key: str, what: str = "") -> None:
+    """A recipe value without a default (`???` cannot override a schema's default): resolving it is the error."""
+    raise ValueError(f"missing mandatory value: {key}" + (f" ({what})" if what else "") + f"; set {key}=...")
 
 
 def search_path_overrides() -> list[str]:
@@ -174,7 +193,10 @@ def to_train_config(cfg: DictConfig | Any) -> TrainConfig:
     if not getattr(schema, "needs_teacher", True) and OmegaConf.is_missing(cfg.teacher, "checkpoint"):
         cfg = cfg.copy()
         cfg.teacher.checkpoint = None  # this task trains from data alone
-    missing = sorted(OmegaConf.missing_keys(cfg))
+    try:
+        missing = sorted(OmegaConf.missing_keys(cfg))  # resolves every value: sf.required says what is missing
+    except InterpolationResolutionError as e:
+        raise ValueError(str(e).splitlines()[0].split("interpolation: ", 1)[-1]) from None
     if missing:
         raise ValueError(f"missing mandatory value: {', '.join(missing)} (set it as an override, e.g. {missing[0]}=...)")
     unknown = unknown_keys(cfg)
@@ -225,15 +247,34 @@ def failing_section(node: DictConfig, prefix: str = "") -> str | None:
     return None
 
 
+def config_to_yaml(cfg: TrainConfig) -> str:
+    """The YAML of a typed config (what a checkpoint's config.yaml holds; `read_run_config` reads it back)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+RUN_CONFIG_KEY = "sf_run_config"  # the metadata entry of an exported weights file holding its run's config.yaml
+
+
 def read_run_config(path: str | Path) -> TrainConfig:
     """The typed config of a run, from a checkpoint's (or a run dir's) resolved `config.yaml`, of any version."""
     path = Path(path)
     if path.is_dir():
         path = path / "config.yaml" if (path / "config.yaml").exists() else path / ".hydra" / "config.yaml"
     try:
-        raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-    except (OSError, ValueError) as exn:
+        text = path.read_text()
+    except OSError as exn:
         raise ValueError(f"{path}: not a readable run config ({exn})") from None
+    return parse_run_config(text, str(path))
+
+
+def parse_run_config(text: str, where: str = "run config") -> TrainConfig:
+    """The typed config of a run's config.yaml text (any version; `where` names it in errors)."""
+    try:
+        raw = OmegaConf.to_container(OmegaConf.create(text), resolve=False)
+    except ValueError as exn:
+        raise ValueError(f"{where}: not a readable run config ({exn})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: not a readable run config (not a mapping)")
     register_configs()
     migrated = migrate(raw)
     from sf.tasks import TASKS
@@ -264,7 +305,8 @@ def migrate(raw: dict) -> dict:
     Version 1 (no `config_version`) had one section per task (`distill`, `flow`, `ode`, `vae`), a shared
     `rollout` and `optim`, and `task` as a string. Since version 2 the task's section is `task` itself, with its
     own rollout, EMA and optimizers (named after the roles it trains); the LR schedule and clipping are in
-    `trainer`; `logger.job_type` "distill", version 1's default for every task, became null (the task's name).
+    `trainer`; `logger.job_type` "distill", version 1's default for every task, became null (the task's name);
+    `text.max_length` 77 of the sf-tiny-clip tower, whose own length is 77, became null (the encoder's own).
     """
     raw = copy.deepcopy(_plain(raw))
     version = raw.get("config_version", 1)
@@ -279,6 +321,9 @@ def migrate(raw: dict) -> dict:
                                                    if k in optim}}
     if raw.get("logger", {}).get("job_type") == "distill":  # the old default, whatever the task: now the task's name
         raw["logger"] = {**raw["logger"], "job_type": None}
+    text = raw.get("text", {})
+    if text.get("max_length") == 77 and text.get("model_name") == "sf-tiny-clip":  # = the tower's own length
+        raw["text"] = {**text, "max_length": None}
     first_role = optim.get("generator", {})
     if name == "distill":
         task = {k: v for k, v in distill.items() if k not in ("ema_decay", "ema_start_step")}

@@ -33,14 +33,19 @@ import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sf.schema import above, at_least, between, fraction
-
 import torch
 import torch.distributed as dist
+
+from sf.schema import above, at_least, between, fraction
 
 _DEEPSPEED = None
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # torch's optimizers refuse larger step sizes
 _DEVICE = torch.device("cpu")  # where collectives put their tensors (set by init_distributed)
+
+
+def use_gpu() -> bool:
+    """Whether jobs run on the GPU: when there is one, unless DS_ACCELERATOR=cpu asks for the CPU (`make test`)."""
+    return torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
 
 
 def _deepspeed():
@@ -51,7 +56,7 @@ def _deepspeed():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
 
-        if not torch.cuda.is_available():
+        if not use_gpu():
             # DeepSpeed JIT-compiles a shared-memory op at every process-group init on CPU (~20 s on a fresh machine,
             # and again whenever another venv shares the extension cache). Only its inference all-reduce uses it.
             from deepspeed.ops import __compatible_ops__
@@ -146,7 +151,7 @@ def init_distributed(timeout_minutes: int = 30) -> Dist:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
+    if use_gpu():
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
     else:
@@ -303,6 +308,27 @@ class Trainable:
         self.grad_norm = float(self._engine.get_global_grad_norm() or 0.0)
         return self.grad_norm
 
+    @property
+    def low_precision(self) -> bool:
+        """Whether the module computes in bf16/fp16 while the optimizer keeps fp32 master weights."""
+        return bool(self._engine.bfloat16_enabled() or self._engine.fp16_enabled())
+
+    def master_weights(self) -> list[torch.Tensor]:
+        """fp32 values of the module's parameters as the optimizer holds them, in `module.parameters()` order:
+        this rank's partition under ZeRO-3 (flat, as `param.ds_tensor`), else the whole tensor. With bf16 these
+        are the optimizer's fp32 masters (under ZeRO-1/2 assembled from the ranks' partitions: collective),
+        not the rounded bf16 weights the forward uses; in fp32 the weights are their own masters."""
+        params = list(self.module.parameters())
+        if not self.low_precision:
+            return [_local(p) for p in params]
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param
+
+        out = []
+        for p in params:
+            master = safe_get_local_fp32_param(p) if is_zero3_param(p) else safe_get_full_fp32_param(p)
+            out.append((master if master is not None else _local(p)).view(_local(p).shape))
+        return out
+
     def set_lr(self, lr: float) -> None:
         for group in self._engine.optimizer.param_groups:
             group["lr"] = lr
@@ -376,6 +402,33 @@ class Trainable:
         return out
 
 
+def model_state_bytes(num_params: int, stage: int, world_size: int, trained: bool, offload: bool = False,
+                      gpus_per_node: int | None = None) -> float:
+    """Bytes of model states per rank for a network of `num_params` (DeepSpeed's estimators for trained ones:
+    16-bit weights and gradients, fp32 master weights and Adam moments, sharded by the stage; 16-bit weights, and
+    under ZeRO-3 sharded, for frozen ones)."""
+    if not trained:
+        return 2.0 * num_params / (world_size if stage == 3 else 1)
+    per_node = gpus_per_node or min(world_size, max(1, torch.cuda.device_count() or world_size))
+    nodes = max(1, world_size // per_node)
+    if stage == 3:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+        _deepspeed()
+        _, gpu, _ = estimate_zero3_model_states_mem_needs(num_params, 0, per_node, nodes, cpu_offload=offload,
+                                                          cpu_offload_params=False, zero_init=True)
+        return float(gpu)
+    if stage in (1, 2):
+        from deepspeed.runtime.zero.stage_1_and_2 import (
+            estimate_zero2_model_states_mem_needs,
+        )
+
+        _deepspeed()
+        _, gpu = estimate_zero2_model_states_mem_needs(num_params, per_node, nodes, cpu_offload=offload)
+        return float(gpu)
+    return 16.0 * num_params  # ZeRO-0: everything on every rank
+
+
 def build_trainable(module: torch.nn.Module, spec: RoleSpec, config: dict) -> Trainable:
     """A trained role, built in the order of the module docstring (a DeepSpeed engine under the hood)."""
     if hasattr(module, "gradient_checkpointing"):
@@ -441,19 +494,22 @@ class EMA:
     """Exponential moving average of a trained role's parameters, started as a copy at its first update at or
     after `start_step`.
 
-    Under ZeRO-3 every rank keeps the average of its own shard (`param.ds_tensor`), so memory is sharded like
-    the model and no gather is needed per update; `full_state_dict` assembles it. Otherwise every rank keeps a
-    full fp32 copy (they are identical: ZeRO-1/2 keep parameters replicated).
+    It averages the fp32 master weights (`Trainable.master_weights`), not the bf16 weights the forward uses:
+    at a distillation learning rate most single updates are far below bf16's resolution and an average of
+    rounded weights would lose them. Under ZeRO-3 every rank keeps the average of its own shard, so memory is
+    sharded like the model and no gather is needed per update; `full_state_dict` assembles it. Otherwise every
+    rank keeps a full fp32 copy (they are identical).
     """
 
     def __init__(self, role: Trainable, decay: float, start_step: int = 0):
         self.role, self.decay, self.start_step = role.name, decay, start_step
         self.started_at: int | None = None  # the step of the copy; None until then
+        self._trainable = role
         module = role.module
         self.names = [n for n, p in module.named_parameters()]
         self.params = [p for _, p in module.named_parameters()]
         self.zero3 = any(is_zero3_param(p) for p in self.params)
-        self.shadow = [_local(p).detach().float().clone() for p in self.params]
+        self.shadow = [w.detach().float().clone() for w in role.master_weights()]
 
     @torch.no_grad()
     def update(self, step: int) -> None:
@@ -463,8 +519,8 @@ class EMA:
         d = self.decay if self.started_at is not None else 0.0
         if self.started_at is None:
             self.started_at = step
-        for s, p in zip(self.shadow, self.params):
-            s.mul_(d).add_(_local(p).float(), alpha=1 - d)
+        for s, w in zip(self.shadow, self._trainable.master_weights()):
+            s.mul_(d).add_(w.float(), alpha=1 - d)
 
     def nonfinite(self) -> bool:
         """Collective: whether any averaged weight is inf or nan."""

@@ -9,6 +9,7 @@ commands check what they read (`existing_file`) and where they write (`writable_
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 from pathlib import Path
@@ -30,6 +31,60 @@ def read_safetensors(
         return load_file(str(path)), metadata
     except (SafetensorError, OSError) as exn:
         raise error(f"{path}: not a readable safetensors file ({exn})") from None
+
+
+def read_json_object(path: str | Path, error: type[Exception] = ValueError) -> dict:
+    """A JSON file that must hold an object (a model's config.json); `error` naming the path otherwise."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise error(f"{path}: not a readable JSON config ({e})") from None
+    if not isinstance(raw, dict):
+        raise error(f"{path}: expected a JSON object, found {type(raw).__name__}")
+    return raw
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def mapped_safetensors(
+    path: str | Path, error: type[Exception] = ValueError,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Like `read_safetensors`, but the tensors are views of a private memory map of the file: nothing is read
+    until used, and ranks on one node that load the same weights share the page cache instead of each holding
+    a copy. Writing to a tensor copies only the pages it touches; the file is never changed."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            if size < 8 or 8 + header_len > size:
+                raise ValueError(f"a header of {header_len} bytes in a file of {size}")
+            header = json.loads(f.read(header_len))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+    except (OSError, ValueError, UnicodeDecodeError) as exn:
+        raise error(f"{path}: not a readable safetensors file ({exn})") from None
+    metadata = header.pop("__metadata__", None) or {}
+    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+    tensors = {}
+    for name, info in header.items():
+        try:
+            dtype, (start, end) = _SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
+            shape = info["shape"]
+        except (KeyError, TypeError, ValueError) as exn:
+            raise error(f"{path}: not a readable safetensors file (entry {name!r}: {exn})") from None
+        offset = 8 + header_len + start
+        if not 8 + header_len <= offset <= 8 + header_len + end <= size:
+            raise error(f"{path}: not a readable safetensors file (entry {name!r} lies outside the file)")
+        raw = torch.empty(0, dtype=torch.uint8).set_(storage, offset, (end - start,))
+        if offset % dtype.itemsize:  # not aligned for a view: this one tensor is copied
+            raw = raw.clone()
+        tensors[name] = raw.view(dtype).view(shape)
+    return tensors, metadata
 
 
 def exit_with_error(error: BaseException, code: int = 1) -> None:

@@ -49,6 +49,26 @@ class LoggerConfig:
     status_every_s: float = field(default=30.0, metadata={"min": 0})  # a status line this often (0: every step)
 
 
+def wandb_login_problem(cfg: LoggerConfig) -> str | None:
+    """Why an online wandb run would stop at `wandb.init` for want of credentials (found before any weights
+    load, not after), or None: WANDB_API_KEY, or a netrc entry for the server (where `wandb login` writes)."""
+    import netrc
+    from urllib.parse import urlparse
+
+    mode = os.environ.get("WANDB_MODE", cfg.mode)
+    if cfg.backend != "wandb" or mode != "online" or os.environ.get("WANDB_API_KEY"):
+        return None
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname or "api.wandb.ai"
+    file = Path(os.environ.get("NETRC", "~/.netrc")).expanduser()
+    try:
+        if netrc.netrc(str(file)).authenticators(host):
+            return None
+    except (OSError, netrc.NetrcParseError):
+        pass
+    return (f"logger: wandb is online but has no credentials for {host} (no WANDB_API_KEY, nothing in {file}): "
+            f"run `wandb login`, or log offline with logger.mode=offline and `wandb sync` later")
+
+
 class NullLogger:
     """The logger of ranks other than 0: every method does nothing."""
 

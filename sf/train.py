@@ -27,11 +27,13 @@ from safetensors import SafetensorError
 
 from sf import checkpoint as ckpt
 from sf import distributed
-from sf.config import TrainConfig, to_train_config
+from sf.config import TrainConfig, config_to_yaml, to_train_config
 from sf.io import exit_with_error
 from sf.logging import log, make_logger, setup_log
 from sf.rundir import RunDirBusy, RunDirLock, die_with_launcher
-from sf.tasks import Runtime, make_job
+from sf.tasks import TASKS, Runtime, make_job
+from sf.tasks.base import compute_dtype
+from sf.tasks.preflight import preflight, resolve
 
 
 def scheduled_lr(base_lr: float, step: int, warmup_steps: int, cooldown_steps: int = 0, max_steps: int = 0) -> float:
@@ -123,22 +125,86 @@ def resume_hint(run_dir: Path) -> str:
     return f"rerunning the command {start}; lower the learning rate (or raise trainer.warmup_steps) first"
 
 
-def train(cfg: TrainConfig, run_dir: str | Path, config_yaml: str = "") -> dict:
+def train(cfg: TrainConfig, run_dir: str | Path) -> dict:
     """Run (or resume) the job of `cfg.task` in `run_dir`; returns the final metrics."""
+    cfg = resolve(cfg)  # the text encoder and codec a Wan teacher directory brings, unless others are named
+    if cfg.trainer.dry_run:
+        return dry_run(cfg)
     lock = own_run_dir(Path(run_dir))
     try:
         d = distributed.init_distributed(cfg.trainer.timeout_minutes)
         run_dir = Path(distributed.broadcast_object(str(run_dir)))  # rank 0's (a default dir holds a time)
         setup_log(run_dir, d.rank)
-        return _train(cfg, run_dir, config_yaml, d)
+        return _train(cfg, run_dir, d)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(cfg: TrainConfig, run_dir: Path, config_yaml: str, d) -> dict:
-    dtype = _dtype(cfg.trainer.precision, d.device)
+def check_inputs(cfg: TrainConfig, world_size: int):
+    """The task's preflight (`sf.tasks.preflight`): paths, architectures, text width, shards; no weights loaded."""
+    from sf.logging import wandb_login_problem
+
+    job_class = TASKS[cfg.task.name][1]
+    plan = preflight(cfg, world_size, job_class.networks, job_class.data_kind)
+    problem = wandb_login_problem(cfg.logger)
+    if problem is not None:
+        raise ValueError(problem)
+    return plan
+
+
+def dry_run(cfg: TrainConfig) -> dict:
+    """What the run would do, checked as far as it can be without loading weights; nothing is written."""
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    plan = check_inputs(cfg, world)
+    if distributed.launch_rank() == 0:
+        estimate = memory_lines(cfg, plan, world)
+        print("\n".join([f"[sf] dry run of task={cfg.task.name} on {world} rank(s): nothing is loaded or written",
+                         *(f"[sf]   {line}" for line in plan.lines + estimate),
+                         f"[sf] the run would train {cfg.trainer.max_steps} steps; remove trainer.dry_run to start"]),
+              flush=True)
+    return {}
+
+
+def memory_lines(cfg: TrainConfig, plan, world: int) -> list[str]:
+    """DeepSpeed's estimate of each network's model states per rank (weights, gradients, optimizer states)."""
+    job_class = TASKS[cfg.task.name][1]
+    lines = []
+    for section, arch in plan.architectures.items():
+        trained = section in job_class.trained_sections
+        per_rank = distributed.model_state_bytes(_parameter_count(arch), cfg.deepspeed.stage, world, trained,
+                                                 offload=cfg.deepspeed.offload_optimizer)
+        size = f"{per_rank / 2**30:.2f} GiB" if per_rank >= 2**30 else f"{per_rank / 2**20:.1f} MiB"
+        lines.append(f"memory: {section} ({'trained' if trained else 'frozen'}) ~{size} of model states per rank "
+                     f"at ZeRO-{cfg.deepspeed.stage} (DeepSpeed's estimate; activations extra)")
+    return lines
+
+
+def _parameter_count(arch) -> int:
+    from sf.models.dit import VideoDiT
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in VideoDiT(arch).parameters())
+
+
+def _train(cfg: TrainConfig, run_dir: Path, d) -> dict:
+    dtype = compute_dtype(cfg.trainer.precision, d.device)
     interrupts = Interrupts()
+    config_yaml = config_to_yaml(cfg)  # resolved: it records which text encoder and codec were used
+
+    # -- everything that can be checked before weights load ------------------------------------------------
+    problem, lines = None, []
+    if d.is_main:
+        try:
+            plan = check_inputs(cfg, d.world_size)
+            lines = plan.lines + memory_lines(cfg, plan, d.world_size)
+        except (ValueError, OSError) as e:
+            problem = e
+    problem, lines = distributed.broadcast_object((problem, lines))
+    if problem is not None:
+        raise problem
+    for line in lines:
+        log.info(line)
 
     # -- the task: its roles (through the engine seam) and its data -------------------------------------------
     ds_config = distributed.engine_config(
@@ -233,12 +299,6 @@ def _train(cfg: TrainConfig, run_dir: Path, config_yaml: str, d) -> dict:
     return metrics
 
 
-def _dtype(precision: str, device) -> torch.dtype:
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return torch.bfloat16 if precision == "bf16" else torch.float32
-
-
 def _plain(cfg: TrainConfig) -> dict:
     return json.loads(json.dumps(asdict(cfg), default=str))
 
@@ -269,10 +329,11 @@ def main() -> None:
     die_with_launcher(signal.SIGHUP)  # a worker of torchrun / the deepspeed launcher must not outlive it
     import hydra
     from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf
 
     from sf.config import register_configs, search_path_overrides, task_choices
 
+    if "--dry-run" in sys.argv:  # the same as trainer.dry_run=true
+        sys.argv = [a for a in sys.argv if a != "--dry-run"] + ["trainer.dry_run=true"]
     try:
         check_task_override(sys.argv[1:], task_choices())
         check_run_dir_writable(sys.argv[1:])
@@ -290,7 +351,7 @@ def main() -> None:
         hydra_cfg = HydraConfig.get()
         name_wandb_run(cfg, hydra_cfg)
         try:
-            train(cfg, hydra_cfg.runtime.output_dir, OmegaConf.to_yaml(dict_cfg, resolve=True))
+            train(cfg, hydra_cfg.runtime.output_dir)
         except USER_ERRORS as e:  # bad input, a damaged file, a full disk: one line, no traceback
             exit_with_error(e, 1)
 

@@ -50,21 +50,55 @@ def save_video(frames: np.ndarray | torch.Tensor, path: str | Path, fps: int = 8
         # the pillow plugin takes the frame duration in milliseconds; loop=0 repeats forever
         iio.imwrite(path, frames, extension=".gif", duration=1000.0 / fps, loop=0)
         return path
-    import imageio.v2 as imageio
-
-    # yuv420p (the pixel format every player reads) needs even sides: pad by one edge pixel where odd, rather
-    # than letting imageio rescale to a multiple of 16 (macro_block_size=1 turns that off)
-    pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
-    if pad_h or pad_w:
-        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-    writer = imageio.get_writer(
-        path, format="FFMPEG", mode="I", fps=fps, codec="libx264", pixelformat="yuv420p", macro_block_size=1,
-        ffmpeg_log_level="error",
-    )
-    with writer:
-        for frame in frames:
-            writer.append_data(frame)
+    with VideoWriter(path, fps) as writer:
+        writer.append(frames)
     return path
+
+
+class VideoWriter:
+    """An H.264 mp4 written frame batch by frame batch (a stream that is being generated): `append` takes any
+    layout `to_uint8` accepts; every batch must have the first one's height and width."""
+
+    def __init__(self, path: str | Path, fps: int = 16):
+        import imageio.v2 as imageio
+
+        self.path = Path(path)
+        if self.path.suffix.lower() != ".mp4":
+            raise ValueError(f"VideoWriter writes .mp4 files; got {self.path.name!r}")
+        if fps <= 0:
+            raise ValueError(f"fps must be positive; got {fps}")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.num_frames, self._size = 0, None
+        # macro_block_size=1: no rescaling to a multiple of 16 (odd sides are padded in `append` instead)
+        self._writer = imageio.get_writer(
+            self.path, format="FFMPEG", mode="I", fps=fps, codec="libx264", pixelformat="yuv420p",
+            macro_block_size=1, ffmpeg_log_level="error",
+        )
+
+    def append(self, frames: np.ndarray | torch.Tensor) -> None:
+        """Write frames (T, H, W, 3) uint8 or (T, C, H, W) float in [-1, 1]."""
+        frames = to_uint8(frames)
+        if self._size is None:
+            self._size = frames.shape[1:3]
+        elif frames.shape[1:3] != self._size:
+            raise ValueError(f"frames of {frames.shape[1:3]} (H, W) appended to a video of {self._size}")
+        # yuv420p (the pixel format every player reads) needs even sides: pad by one edge pixel where odd
+        pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
+        if pad_h or pad_w:
+            frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+        for frame in frames:
+            self._writer.append_data(frame)
+        self.num_frames += len(frames)
+
+    def close(self) -> None:
+        """Finish the file (the mp4 is complete only after this)."""
+        self._writer.close()
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def encode_mp4(video: np.ndarray | torch.Tensor, fps: int = 16) -> bytes:

@@ -22,11 +22,22 @@ def test_every_experiment_composes_to_typed_config(experiment):
         overrides += ["teacher.checkpoint=/path/to/teacher", "data.shards=/path/to/shards"]
     if experiment == "demo" or experiment.startswith("world_"):  # the world's weights come from `make assets`
         overrides += ["text.pretrained=/path/to/text", "codec.checkpoint=/path/to/vae", "model.checkpoint=/path/to/m"]
+    if experiment == "wan1.3b_selfforcing_14b_teacher":  # values the recipe requires
+        overrides += ["model.checkpoint=/path/to/ode_init.pt", "critic.checkpoint=/path/to/Wan2.1-T2V-1.3B"]
     cfg = to_train_config(composed(*overrides))
     assert isinstance(cfg, TrainConfig)
     assert cfg.trainer.max_steps > 0
     if hasattr(cfg.task, "rollout"):
         assert cfg.task.rollout.num_frames > 0
+
+
+def test_a_recipe_s_required_values_are_named_when_missing():
+    with pytest.raises(ValueError, match=r"^missing mandatory value: model.checkpoint \(the ODE-initialised"):
+        to_train_config(composed("experiment=wan1.3b_selfforcing_14b_teacher", "teacher.checkpoint=/t",
+                                 "data.shards=/d"))
+    with pytest.raises(ValueError, match=r"^missing mandatory value: critic.checkpoint"):
+        to_train_config(composed("experiment=wan1.3b_selfforcing_14b_teacher", "teacher.checkpoint=/t",
+                                 "data.shards=/d", "model.checkpoint=/m"))
 
 
 def test_groups_select_deepspeed_and_logger():
@@ -67,7 +78,7 @@ def test_cli_errors_are_one_clear_line(tmp_path):
 def test_bad_inputs_at_start_are_one_line(tmp_path):
     absent = run_cli("experiment=smoke", "teacher.checkpoint=/nonexistent/teacher", f"hydra.run.dir={tmp_path / 'a'}")
     assert absent.returncode == 1
-    assert absent.stderr.strip().splitlines()[-1] == "error: /nonexistent/teacher: no such file or directory"
+    assert absent.stderr.strip().splitlines()[-1] == "error: teacher.checkpoint /nonexistent/teacher: no such file or directory"
     # brace patterns must be quoted for Hydra's override grammar: 'data.shards="/x/shards-{000..009}.tar"'
     shards = run_cli("experiment=smoke", 'data.shards="/nonexistent/shards-{000..009}.tar"',
                      f"hydra.run.dir={tmp_path / 'b'}")

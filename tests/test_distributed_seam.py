@@ -125,6 +125,31 @@ def _worker(rank: int, world: int, port: int, stage: int, out_dir: str) -> None:
             rebuilt = sd.consolidated_state_dict(checkpoint, "net")
             assert all(torch.equal(rebuilt[k], unchanged[k]) for k in rebuilt)
         sd.barrier()
+
+        # bf16: the EMA copies the optimizer's fp32 masters (what the checkpoint saves), not the rounded bf16
+        # weights the forward runs with
+        torch.manual_seed(1)
+        low_config = sd.engine_config(sd.DeepSpeedConfig(stage=stage), micro_batch=4, grad_accum=1, grad_clip=100.0,
+                                      bf16=True)
+        low = sd.build_trainable(TinyNet(), sd.RoleSpec("low", sd.OptimizerConfig(lr=1e-3)), low_config)
+        assert low.low_precision
+        low_ema = sd.EMA(low, decay=0.5, start_step=2)
+        for step in range(3):
+            x, y = batch_of(rank, step)
+            low.step(loss_of(low, x.bfloat16(), y.bfloat16()).float())
+            low_ema.update(step)
+        assert low_ema.started_at == 2
+        low_checkpoint = Path(out_dir) / f"bf16_zero{stage}"
+        if rank == 0:
+            low_checkpoint.mkdir(parents=True, exist_ok=True)
+        sd.barrier()
+        low.save(low_checkpoint)
+        averaged, forward_weights = low_ema.full_state_dict(d.rank), low.full_state_dict(d.rank)
+        if rank == 0:
+            masters = sd.consolidated_state_dict(low_checkpoint, "low")
+            assert all(torch.equal(averaged[k], masters[k]) for k in masters)
+            assert not all(torch.equal(averaged[k], forward_weights[k]) for k in masters)  # bf16 is another thing
+        sd.barrier()
     finally:
         sd.shutdown()
 

@@ -442,12 +442,17 @@ def test_sf_generate_checks_its_inputs_and_output_first(tmp_path, weights, capsy
     from sf.cli import generate_main
 
     (tmp_path / "a-file").write_text("")
-    _fails(generate_main, [str(tmp_path / "missing.safetensors"), "--prompt", "x", "--out", str(tmp_path / "o")],
-           capsys, "weights", "missing.safetensors does not exist")
-    _fails(generate_main, [str(weights / "vae.safetensors"), "--prompt", "x", "--out", str(tmp_path / "o")],
+    out = str(tmp_path / "o.mp4")
+    _fails(generate_main, [str(tmp_path / "missing.safetensors"), "--prompt", "x", "--out", out],
+           capsys, "missing.safetensors does not exist")
+    _fails(generate_main, [str(weights / "vae.safetensors"), "--prompt", "x", "--out", out],
            capsys, "vae.safetensors: a video codec (wan VAE) file, not DiT weights")
-    _fails(generate_main, [str(weights / "student.safetensors"), "--prompt", "x", "--out", str(tmp_path / "a-file")],
-           capsys, "--out", "not a writable folder")
+    _fails(generate_main, [str(weights / "student.safetensors"), "--prompt", "x", "--out",
+                           str(tmp_path / "a-file" / "o.mp4")], capsys, "--out", "not a writable folder")
+    _fails(generate_main, [str(weights / "student.safetensors"), "--prompt", "x", "--out", str(tmp_path / "o.avi")],
+           capsys, "--out must name an .mp4 file")
+    _fails(generate_main, [str(weights / "student.safetensors"), "--out", out], capsys, "--prompt")
+    assert not (tmp_path / "o.mp4").exists()
 
 
 def test_sf_eval_checks_out_and_weights_before_evaluating(tmp_path, weights, capsys):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import random
 import warnings
 from collections import deque
@@ -124,13 +125,18 @@ def _cache_embeddings(
     """Per prompt: its features up to the last real token and their mask, or None without an encoder."""
     if encoder is None:
         return [None] * len(prompts)
-    features, mask = encoder(prompts)  # (B, L, D), (B, L)
-    cached = []
+    return trimmed_rows(*encoder(prompts), dtype)
+
+
+def trimmed_rows(features: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> list[dict[str, torch.Tensor]]:
+    """Per row of features (B, L, D) / mask (B, L): {"features" (l, D) in `dtype`, "mask" (l,)} up to its last real
+    token (what shards store; `collate_prompts` pads them back)."""
+    rows = []
     for row_features, row_mask in zip(features, mask):
         real = row_mask.nonzero()
         length = int(real.max()) + 1 if len(real) else 1
-        cached.append({"features": row_features[:length].to(dtype), "mask": row_mask[:length].clone()})
-    return cached
+        rows.append({"features": row_features[:length].to(dtype).contiguous(), "mask": row_mask[:length].clone()})
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------- decoding
@@ -140,11 +146,11 @@ def decode_prompt(sample: dict[str, Any]) -> dict[str, Any]:
     """Raw sample -> {"key", "prompt", ["features" (L, D), "mask" (L,)]}; raises CorruptSample on bad data."""
     decoded = {"key": sample["__key__"], "prompt": decode_text(sample)}
     if EMBEDDING in sample:
-        decoded["features"], decoded["mask"] = _check_embedding(decode_tensors(sample[EMBEDDING]))
+        decoded["features"], decoded["mask"] = check_embedding(decode_tensors(sample[EMBEDDING]))
     return decoded
 
 
-def _check_embedding(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def check_embedding(tensors: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate cached features/mask and zero the features at padding."""
     features, mask = tensors.get("features"), tensors.get("mask")
     if features is None or mask is None:
@@ -201,6 +207,41 @@ def file_record(path: str | Path) -> dict[str, Any]:
     """What a file was when something was made from it: its absolute path, size and sha256."""
     path = Path(path).resolve()
     return {"path": str(path), "bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def write_prompt_table(path: str | Path, prompts: list[str], features: torch.Tensor, mask: torch.Tensor,
+                       source: str, dtype: torch.dtype = torch.bfloat16, sample_prompts: list[str] = ()) -> Path:
+    """Features (N, L, D) and masks (N, L) of fixed prompts (the negative prompt, sample prompts) as one safetensors
+    file: each trimmed to its real tokens, with the prompts, their encoder, length L and which of them the sample
+    videos show in the metadata."""
+    unknown = [p for p in sample_prompts if p not in prompts]
+    if unknown:
+        raise ValueError(f"sample prompts {unknown[:2]} are not among the table's prompts")
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for i, row in enumerate(trimmed_rows(features, mask, dtype)):
+        tensors[f"{i}.features"], tensors[f"{i}.mask"] = row["features"], row["mask"]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"prompts": json.dumps(list(prompts), ensure_ascii=False), "encoder": source,
+            "max_length": str(features.shape[1]), "width": str(features.shape[2]),
+            "sample_prompts": json.dumps(list(sample_prompts), ensure_ascii=False)}
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def read_prompt_table(path: str | Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, str]]:
+    """{prompt: (features (L, D), mask (L,))} of a prompt table, and its metadata (encoder, max_length, width,
+    sample_prompts: JSON)."""
+    from sf.io import read_safetensors
+
+    tensors, meta = read_safetensors(path)
+    try:
+        prompts = json.loads(meta["prompts"])
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{path}: not a prompt table (no prompts in its metadata: {e})") from None
+    return {p: (tensors[f"{i}.features"].float(), tensors[f"{i}.mask"]) for i, p in enumerate(prompts)}, meta
 
 
 def prompt_features(encoder: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:

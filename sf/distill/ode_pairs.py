@@ -6,7 +6,10 @@ prompt:
 
     txt                 the prompt
     json                {"index", "seed", "sigmas", "num_steps", "shift", "cfg_scale", "negative_prompt"}
-    ode.safetensors     {"trajectory": (K, F, C, H, W), "clean": (F, C, H, W), "sigmas": (K,) fp32}
+    ode.safetensors     {"trajectory": (K, F, C, H, W), "clean": (F, C, H, W), "sigmas": (K,) fp32,
+                         "features": (l, D), "mask": (l,) bool}   the text features the teacher saw
+
+(the text features are cut after the last real token, as in prompt shards, so training needs no text encoder.)
 
 `decode_ode_sample` reads one back (``task=ode`` holds them in a `sf.data.bank.SampleBank`): the inputs of
 `ode_regression_loss`.
@@ -21,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from sf.data.prompts import check_embedding, trimmed_rows
 from sf.data.shards import CorruptSample, ShardWriter, decode_tensors, decode_text
 from sf.diffusion.flow import NUM_TRAIN_TIMESTEPS
 from sf.diffusion.sample import guided_net, sample_teacher
@@ -56,12 +60,15 @@ def write_ode_pairs(
     device: torch.device | str | None = None,
     prefix: str = "ode",
     progress: bool = True,
+    indices: Sequence[int] | None = None,
 ) -> list[str]:
     """Sample the guided teacher for every prompt and write its trajectory at the student's sigmas; returns shards.
 
     `student_timesteps` are the student's network t (e.g. ``RolloutConfig().timesteps()``), strictly decreasing
-    from 1000. Prompt i starts from noise seeded by (seed, i) alone, so batching does not change a sample.
-    Latents are integrated in fp32 on `device` (default: the teacher's) and stored as `dtype`.
+    from 1000. Prompt i starts from noise seeded by (seed, i) alone, so batching does not change a sample;
+    `indices` are the prompts' indices i (default 0, 1, ...: ranks that split one prompt list pass their
+    share's, and the pairs are those one process would write). Latents are integrated in fp32 on `device`
+    (default: the teacher's) and stored as `dtype`.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -69,7 +76,11 @@ def write_ode_pairs(
         raise ValueError(f"latent_shape must be (F, C, H, W), got {tuple(latent_shape)}")
     sigmas = student_sigmas(student_timesteps)
     device = torch.device(device) if device is not None else _device_of(teacher)
+    teacher = _in_own_dtype(teacher)
     prompts = list(prompts)
+    indices = list(range(len(prompts))) if indices is None else list(indices)
+    if len(indices) != len(prompts):
+        raise ValueError(f"{len(indices)} indices for {len(prompts)} prompts")
     negative, _ = text_encoder([negative_prompt])  # (1, L, D): once for every batch
     negative = negative.to(device, torch.float32)
     meta = {"seed": seed, "sigmas": sigmas, "num_steps": num_steps, "shift": shift, "cfg_scale": cfg_scale,
@@ -78,21 +89,22 @@ def write_ode_pairs(
     with ShardWriter(out_dir, prefix, samples_per_shard, total=len(prompts), progress=progress) as writer:
         for start in range(0, len(prompts), batch_size):
             batch = prompts[start:start + batch_size]
-            indices = range(start, start + len(batch))
-            features, _ = text_encoder(batch)  # (B, L, D)
+            batch_indices = indices[start:start + len(batch)]
+            features, mask = text_encoder(batch)  # (B, L, D), (B, L)
+            cached = trimmed_rows(features, mask, features.dtype)  # as the encoder gave them: training sees the same
             features = features.to(device, torch.float32)
             guided = guided_net(teacher, {"context": features},
                                 {"context": negative.expand(len(batch), -1, -1)}, cfg_scale)
-            noise = SampleNoise([seed_for(seed, "ode", i) for i in indices]).randn(latent_shape).to(device)
+            noise = SampleNoise([seed_for(seed, "ode", i) for i in batch_indices]).randn(latent_shape).to(device)
             sample = sample_teacher(guided, noise, num_steps=num_steps, shift=shift, record_sigmas=sigmas)
-            for i, prompt, trajectory, clean in zip(indices, batch, sample.trajectory, sample.x0):
+            for i, prompt, trajectory, clean, text in zip(batch_indices, batch, sample.trajectory, sample.x0, cached):
                 writer.write({
                     "__key__": f"{i:09d}",
                     "txt": prompt,
                     "json": {"index": i, **meta},
                     ODE: {"trajectory": trajectory.to(dtype),  # (K, F, C, H, W)
                           "clean": clean.to(dtype),  # (F, C, H, W)
-                          "sigmas": torch.tensor(sigmas, dtype=torch.float32)},
+                          "sigmas": torch.tensor(sigmas, dtype=torch.float32), **text},
                 })
     return writer.paths
 
@@ -109,6 +121,17 @@ def student_sigmas(timesteps: Sequence[float] | Tensor) -> list[float]:
     return (t / NUM_TRAIN_TIMESTEPS).tolist()
 
 
+def _in_own_dtype(net: FlowNet) -> FlowNet:
+    """A network whose parameters are not fp32 (a bf16 teacher) called in their dtype, answering in fp32: the ODE
+    is integrated in fp32 whatever the network computes in."""
+    parameters = getattr(net, "parameters", None)
+    first = next(parameters(), None) if callable(parameters) else None
+    if first is None or first.dtype == torch.float32:
+        return net
+    dtype = first.dtype
+    return lambda x, t, context, **kw: net(x.to(dtype), t, context.to(dtype), **kw).float()
+
+
 def _device_of(net: Any) -> torch.device:
     """Where a network's parameters live; plain callables run on the CPU."""
     parameters = getattr(net, "parameters", None)
@@ -120,7 +143,8 @@ def _device_of(net: Any) -> torch.device:
 
 
 def decode_ode_sample(sample: dict[str, Any]) -> dict[str, Any]:
-    """Raw sample -> {"key", "prompt", "meta", "trajectory" (K, F, C, H, W), "clean", "sigmas"}, all fp32.
+    """Raw sample -> {"key", "prompt", "meta", "trajectory" (K, F, C, H, W), "clean", "sigmas"}, all fp32, and the
+    cached text {"features" (l, D), "mask" (l,)} when the pair has it.
 
     Raises CorruptSample on missing members, bad bytes, inconsistent shapes or non-finite values.
     """
@@ -141,5 +165,8 @@ def decode_ode_sample(sample: dict[str, Any]) -> dict[str, Any]:
     trajectory, clean, sigmas = trajectory.float(), clean.float(), sigmas.float()
     if not (torch.isfinite(trajectory).all() and torch.isfinite(clean).all()):
         raise CorruptSample("trajectory or clean contains inf or nan")
-    return {"key": sample["__key__"], "prompt": prompt, "meta": meta, "trajectory": trajectory, "clean": clean,
-            "sigmas": sigmas}
+    decoded = {"key": sample["__key__"], "prompt": prompt, "meta": meta, "trajectory": trajectory, "clean": clean,
+               "sigmas": sigmas}
+    if "features" in tensors:
+        decoded["features"], decoded["mask"] = check_embedding(tensors)
+    return decoded

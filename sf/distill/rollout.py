@@ -243,14 +243,15 @@ def stream_chunks(
     """Streaming inference: yield each chunk's clean latents (B, f, C, H, W) as soon as it is denoised.
 
     All steps run for every chunk, under no_grad. `noise` may have any number of frames (with a rolling
-    window, far more than training saw); the chunk's cache write runs when the next chunk is requested.
+    window, far more than training saw); the chunk's cache write runs when the next chunk is requested, and
+    the last chunk's, which nothing would read, not at all.
     """
     _check_latent(noise)
     num_chunks = len(cfg.causal.chunk_bounds(noise.shape[1]))
     exits = [cfg.num_steps - 1] * num_chunks
     cache = new_cache(cfg.causal, keep_grad=False)
     yield from _chunk_loop(net, cache, noise, context, cfg, exits, [False] * num_chunks,
-                           _own_output(cfg, rng), rng)
+                           _own_output(cfg, rng), rng, write_last=False)
 
 
 def generate(
@@ -279,19 +280,24 @@ def _chunk_loop(
     with_grad: list[bool],
     context_of: ContextFn,
     rng: Randomness,
+    write_last: bool = True,
 ) -> Iterator[Tensor]:
-    """Denoise chunk after chunk, yield each output, then write what `context_of` gives into the cache.
+    """Denoise chunk after chunk, yield each output, then write what `context_of` gives into the cache (after the
+    last chunk too unless `write_last` is False: training keeps that forward, so its counts and draws stay put).
 
     Grad mode is set around each forward only (never across a yield), so a consumer of this Python generator
     never runs in a grad mode it did not choose.
     """
     timesteps = cfg.timesteps(noise.device).tolist()
-    for chunk, (start, end) in enumerate(cfg.causal.chunk_bounds(noise.shape[1])):
+    bounds = cfg.causal.chunk_bounds(noise.shape[1])
+    for chunk, (start, end) in enumerate(bounds):
         exit_step = exit_steps[chunk]
         student = lambda x, t: net(x, t, context, cache=cache)  # noqa: E731  (this chunk over the cache)
         x0 = sample_few_step(student, noise[:, start:end], timesteps[:exit_step + 1], rng=rng,
                              grad_last=with_grad[chunk])  # (B, f, C, H, W)
         yield x0
+        if chunk == len(bounds) - 1 and not write_last:
+            return
         x_ctx, t_ctx = context_of(start, end, x0)
         with torch.set_grad_enabled(with_grad[chunk] and cfg.context_grad):
             net(x_ctx, t_ctx, context, cache=cache, update_cache=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from sf.io import read_safetensors
+from sf.io import mapped_safetensors, read_json_object
 from sf.models.dit import FLAVORS, DiTConfig, VideoDiT
 
 FORMATS = ("sf", "diffusers", "wan")
@@ -105,12 +105,15 @@ def detect_format(state: dict[str, torch.Tensor]) -> str:
     raise CheckpointError(f"unrecognised DiT weights: none of the sf/diffusers/Wan marker keys in {len(keys)} keys")
 
 
-def _read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of one file; never unpickles arbitrary objects."""
+def _read_weights_file(path: Path, lazy: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of one file; never unpickles arbitrary objects. `lazy`: meta tensors of the right
+    shapes and dtypes (safetensors: the header alone), or a memory-mapped .pt (nothing read until used)."""
     if path.suffix == ".safetensors":
-        return read_safetensors(path, CheckpointError)
+        if lazy:
+            return _safetensors_shapes(path)
+        return mapped_safetensors(path, CheckpointError)
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=lazy)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: refusing to unpickle arbitrary objects ({first}); convert it to safetensors") from None
@@ -123,6 +126,23 @@ def _read_weights_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, s
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
     return obj, {}
+
+
+def _safetensors_shapes(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            shapes = {}
+            for name in f.keys():
+                part = f.get_slice(name)
+                dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}.get(part.get_dtype(),
+                                                                                              torch.float32)
+                shapes[name] = torch.empty(part.get_shape(), dtype=dtype, device="meta")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    return shapes, metadata
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -142,6 +162,15 @@ def _weight_files(path: Path) -> list[Path]:
     return files
 
 
+def read_weights_metadata(path: str | Path) -> dict[str, str]:
+    """The safetensors metadata of the DiT weights at `path` (a file or folder), headers only; {} for .pt files."""
+    metadata: dict[str, str] = {}
+    for file in _weight_files(Path(path)):
+        if file.suffix == ".safetensors":
+            metadata.update(_safetensors_shapes(file)[1])
+    return metadata
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str, DiTConfig | None]:
     """Weights in our naming, the format they came in, and the config found beside or inside them (or None)."""
     path = Path(path)
@@ -158,25 +187,23 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], str, DiT
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
     state = convert_state_dict(state, fmt, "sf")
-    config = None
+    config = _config_of(path, state, metadata)
+    return state, fmt, config
+
+
+def _config_of(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> DiTConfig | None:
+    """The config carried by our metadata, else the config.json beside the weights, else None."""
     if "sf_config" in metadata:
         try:
-            config = DiTConfig.from_dict(json.loads(metadata["sf_config"]))
+            return DiTConfig.from_dict(json.loads(metadata["sf_config"]))
         except (ValueError, TypeError) as e:
             raise CheckpointError(f"{path}: its sf_config metadata is not a DiT config ({e})") from None
-    else:
-        config_file = (path if path.is_dir() else path.parent) / "config.json"
-        if (path / "transformer" / "config.json").exists():
-            config_file = path / "transformer" / "config.json"
-        if config_file.exists():
-            try:
-                raw = json.loads(config_file.read_text())
-            except (ValueError, OSError) as e:
-                raise CheckpointError(f"{config_file}: not a readable JSON config ({e})") from None
-            if not isinstance(raw, dict):
-                raise CheckpointError(f"{config_file}: expected a JSON object, found {type(raw).__name__}")
-            config = config_from_json(raw, state)
-    return state, fmt, config
+    config_file = (path if path.is_dir() else path.parent) / "config.json"
+    if (path / "transformer" / "config.json").exists():
+        config_file = path / "transformer" / "config.json"
+    if not config_file.exists():
+        return None
+    return config_from_json(read_json_object(config_file, CheckpointError), state)
 
 
 def config_from_json(raw: dict, state: dict[str, torch.Tensor]) -> DiTConfig:
@@ -242,15 +269,45 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
 
 
 def load_dit(
-    path: str | Path, config: DiTConfig | None = None, dtype: torch.dtype | None = None, device="cpu"
+    path: str | Path, config: DiTConfig | None = None, dtype: torch.dtype = torch.float32, device="cpu"
 ) -> VideoDiT:
-    """A VideoDiT with the weights at `path` (any supported format; see the module docstring)."""
+    """A VideoDiT with the weights at `path` (any supported format; see the module docstring).
+
+    The network is built on the meta device and takes the file's tensors as its parameters: one copy of the
+    weights in memory, never a random init beside them (and, when `dtype` is the file's, no cast either)."""
     state, _, found = read_checkpoint(path)
-    config = config or found or infer_config(state)
-    model = VideoDiT(config)
-    check_state_dict(model, state, str(path))
-    model.load_state_dict(state, strict=True)
+    return dit_from_state(state, config or found or infer_config(state), str(path), dtype, device)
+
+
+def dit_from_state(state: dict[str, torch.Tensor], config: DiTConfig, what: str, dtype: torch.dtype = torch.float32,
+                   device="cpu") -> VideoDiT:
+    """A VideoDiT of `config` holding `state` (our naming) as its parameters, built on the meta device: no random
+    init and no second copy. `what` names the weights in the error that lists every mismatch."""
+    with torch.device("meta"):
+        model = VideoDiT(config)
+    check_state_dict(model, state, what)
+    model.load_state_dict(state, strict=True, assign=True)
     return model.to(device=device, dtype=dtype)
+
+
+def read_dit_config(path: str | Path) -> DiTConfig:
+    """The architecture of the DiT weights at `path`, from their config or metadata, else their tensor shapes;
+    no weights are read (safetensors headers, memory-mapped .pt files)."""
+    path = Path(path)
+    shapes: dict[str, torch.Tensor] = {}
+    metadata: dict[str, str] = {}
+    for file in _weight_files(path):
+        tensors, meta = _read_weights_file(file, lazy=True)
+        shapes.update(tensors)
+        metadata.update(meta)
+    if "sf_codec" in metadata:
+        raise CheckpointError(f"{path}: a video codec ({metadata['sf_codec']} VAE) file, not DiT weights")
+    shapes = strip_wrappers(shapes)
+    try:
+        shapes = convert_state_dict(shapes, detect_format(shapes), "sf")
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return _config_of(path, shapes, metadata) or infer_config(shapes)
 
 
 def save_dit(model: VideoDiT, path: str | Path, fmt: str = "sf", extra_metadata: dict | None = None) -> Path:

@@ -1,18 +1,30 @@
 """Text encoders: prompts -> token-level features (B, L, D) and a mask (B, L) that is True on real tokens.
 
-Two implementations behind one interface (`TextEncoder`), so training code calls the same methods either way:
-`OpenCLIPTextEncoder` runs an open_clip text tower (the per-token output after its final LayerNorm);
-`CachedTextEncoder` serves features cached in the prompt shards, plus a table of fixed prompts (e.g. the
-negative prompt). Features are zero wherever the mask is False; `max_length` pads/truncates to a fixed length
-the way Wan pads its text to 512 tokens. Encoders are frozen and never download anything.
+Three implementations behind one interface (`TextEncoder`), so training code calls the same methods either way:
+
+  UMT5TextEncoder     Wan's text encoder: transformers' UMT5EncoderModel and its tokenizer, from a Wan model
+                      directory in either layout (`sf.models.wan`); Wan's conditioning exactly: the prompt cleaned
+                      (HTML entities, whitespace), 512 tokens, the features zeroed past the mask
+  OpenCLIPTextEncoder an open_clip text tower (the per-token output after its final LayerNorm): the embedded
+                      world's, and CLIP scores
+  CachedTextEncoder   features cached in prompt shards (`sf-embed`), a table of fixed prompts (the negative
+                      prompt, the sample prompts), and an encoder for anything else, built only when first needed
+
+Features are zero wherever the mask is False; `max_length` pads/truncates to a fixed length the way Wan pads its
+text to 512 tokens (cross-attention then sees every position, the padding as zeros). Encoders are frozen and never
+download anything.
 """
 
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
 import tempfile
 import weakref
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -143,6 +155,27 @@ class OpenCLIPTextEncoder(TextEncoder):
         return positions[None] <= last[:, None]
 
 
+def open_clip_config(model_name: str) -> dict[str, Any]:
+    """The architecture of an open_clip model (ours or open_clip's own), without building it."""
+    import open_clip
+
+    register_open_clip_configs()
+    config = open_clip.get_model_config(model_name)
+    if config is None:
+        raise ValueError(f"unknown open_clip model {model_name!r}; ours are {sorted(OPEN_CLIP_CONFIGS)}")
+    return config
+
+
+def open_clip_width(model_name: str) -> int:
+    """The width of an open_clip text tower's token features."""
+    return int(open_clip_config(model_name)["text_cfg"]["width"])
+
+
+def open_clip_length(model_name: str) -> int:
+    """The tokens an open_clip text tower reads (its context length)."""
+    return int(open_clip_config(model_name)["text_cfg"].get("context_length", 77))
+
+
 def _check_open_clip_source(open_clip: Any, model_name: str, pretrained: str | None) -> None:
     """Only local sources: a known or local-dir architecture, and weights from a file."""
     if model_name.startswith("hf-hub:"):
@@ -153,19 +186,137 @@ def _check_open_clip_source(open_clip: Any, model_name: str, pretrained: str | N
         raise ValueError(f"pretrained must be a local checkpoint file (nothing is downloaded), got {pretrained!r}")
 
 
+class UMT5TextEncoder(TextEncoder):
+    """Wan's UMT5 encoder (transformers) with its tokenizer, loaded from local folders only."""
+
+    def __init__(self, encoder: nn.Module, tokenizer: Any, max_length: int | None = 512, source: str = ""):
+        super().__init__()
+        check_vocab(len(tokenizer), encoder.config.vocab_size, source)
+        self.encoder = encoder.requires_grad_(False).eval()
+        self.tokenizer = tokenizer
+        self.max_length = max_length or 512
+        self.source = source
+
+    @property
+    def feature_dim(self) -> int:
+        return self.encoder.config.d_model
+
+    @property
+    def device(self) -> torch.device:
+        return self.encoder.shared.weight.device
+
+    @torch.no_grad()
+    def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features (B, max_length, D) zeroed past each prompt's tokens (its end token included), and the mask."""
+        if isinstance(prompts, str):
+            raise ValueError("text encoders take a list of prompts, got a single string")
+        tokens = self.tokenizer([clean_prompt(p) for p in prompts], padding="max_length", max_length=self.max_length,
+                                truncation=True, add_special_tokens=True, return_attention_mask=True,
+                                return_tensors="pt")
+        ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
+        features = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, D)
+        return fit_length(features.float(), mask.bool(), self.max_length)
+
+
+def check_vocab(tokens: int, vocab: int, source: str) -> None:
+    """A tokenizer with more tokens than its encoder embeds belongs to another model (its ids would index past
+    the embedding table)."""
+    if tokens > vocab:
+        raise ValueError(f"{source}: the tokenizer has {tokens} tokens, the text encoder embeds {vocab}: they do "
+                         f"not belong together")
+
+
+def clean_prompt(text: str) -> str:
+    """Wan's prompt cleaning: mojibake fixed (with ftfy when installed), HTML entities unescaped (twice), runs of
+    whitespace collapsed to one space, ends stripped."""
+    try:
+        import ftfy
+
+        text = ftfy.fix_text(text)
+    except ImportError:
+        pass
+    text = html.unescape(html.unescape(text)).strip()
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def load_umt5(path: str | Path, device="cpu", dtype: torch.dtype = torch.float32,
+              max_length: int | None = 512) -> UMT5TextEncoder:
+    """The UMT5 text encoder of a Wan model directory (diffusers or original layout), or of a diffusers
+    `text_encoder` folder with a `tokenizer` folder beside it. Nothing is downloaded."""
+    from transformers import UMT5EncoderModel
+
+    from sf.models.wan import read_torch_weights, umt5_config_from_wan, wan_t5_to_transformers
+
+    path, encoder_path, tokenizer = _umt5_parts(path)
+    if encoder_path.is_dir():
+        try:
+            encoder = UMT5EncoderModel.from_pretrained(str(encoder_path), local_files_only=True, dtype=dtype)
+        except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: weights of other shapes than its config
+            raise ValueError(f"{encoder_path}: not a loadable UMT5 encoder ({str(e).splitlines()[0]})") from None
+    else:  # the original layout: Wan's own T5 module names
+        state = read_torch_weights(encoder_path)
+        with torch.device("meta"):
+            encoder = UMT5EncoderModel(umt5_config_from_wan(state))
+        encoder.load_state_dict(wan_t5_to_transformers(state), assign=True, strict=True)
+        encoder = encoder.to(dtype)
+    return UMT5TextEncoder(encoder.to(device), tokenizer, max_length, source=str(path))
+
+
+def umt5_width(path: str | Path) -> int:
+    """The feature width of the UMT5 encoder at `path`, read from its config or tensor shapes, after checking that
+    its tokenizer belongs to it (the tokenizer loads; no encoder weights do)."""
+    from sf.models.wan import read_json, read_torch_weights
+
+    path, encoder, tokenizer = _umt5_parts(path)
+    if encoder.is_dir():
+        config = read_json(encoder / "config.json")
+        vocab, width = int(config["vocab_size"]), int(config["d_model"])
+    else:
+        vocab, width = read_torch_weights(encoder)["token_embedding.weight"].shape  # memory-mapped: shapes only
+    check_vocab(len(tokenizer), int(vocab), str(path))
+    return int(width)
+
+
+def _umt5_parts(path: str | Path) -> tuple[Path, Path, Any]:
+    """(the model directory, its encoder's file or folder, its tokenizer, loaded)."""
+    from transformers import AutoTokenizer
+
+    from sf.models.wan import wan_files
+
+    path = Path(path)
+    if path.name == "text_encoder" and (path.parent / "tokenizer").is_dir():
+        path = path.parent
+    files = wan_files(path)
+    encoder_path, tokenizer_path = files.need("text_encoder"), files.need("tokenizer")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{tokenizer_path}: not a loadable tokenizer ({str(e).splitlines()[0]})") from None
+    return path, encoder_path, tokenizer
+
+
 class CachedTextEncoder(TextEncoder):
-    """Serves precomputed features: those carried by a batch, a table of fixed prompts, else a fallback encoder."""
+    """Serves precomputed features: those carried by a batch, a table of fixed prompts, else a fallback encoder
+    (an encoder, or a function building one: then it is built only if a prompt is not in the table)."""
 
     def __init__(
         self,
         embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-        fallback: TextEncoder | None = None,
+        fallback: TextEncoder | Callable[[], TextEncoder] | None = None,
         max_length: int | None = None,
+        sample_prompts: list[str] = (),
     ):
         super().__init__()
         self.table = {prompt: _unbatched(*pair) for prompt, pair in (embeddings or {}).items()}
-        self.fallback = fallback
+        self._fallback = fallback
         self.max_length = max_length
+        self.sample_prompts = list(sample_prompts)  # what a run's sample videos show (the table's choice)
+
+    @property
+    def fallback(self) -> TextEncoder | None:
+        if self._fallback is not None and not isinstance(self._fallback, nn.Module):
+            self._fallback = self._fallback()  # the first prompt the table does not hold
+        return self._fallback
 
     @property
     def feature_dim(self) -> int:
@@ -180,7 +331,7 @@ class CachedTextEncoder(TextEncoder):
         if isinstance(prompts, str):
             raise ValueError("text encoders take a list of prompts, got a single string")
         missing = [prompt for prompt in prompts if prompt not in self.table]
-        if missing and self.fallback is None:
+        if missing and self._fallback is None:
             raise ValueError(f"no cached features for prompts {missing[:3]} and no fallback encoder")
         if missing:
             features, mask = self.fallback(list(prompts))

@@ -23,7 +23,7 @@ Codecs are saved as one safetensors file carrying their kind, config and latent 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -131,6 +131,15 @@ class VideoCodec(nn.Module):
         """Video (B, T, 3, H, W) in [-1, 1] of normalised latents (B, F, C, h, w)."""
         self.check_latents(latents)
         return self.decode_raw(self.denormalize(latents))
+
+    def stream_decoder(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A decoder for latents that arrive chunk by chunk (B, f, C, h, w), normalised: each call returns the
+        frames (B, T, 3, H, W) its chunk adds, and together they are `decode` of the whole. This one decodes each
+        chunk on its own, which is exact only without temporal compression; codecs with causal temporal state
+        (WanVAE) carry it from call to call."""
+        if self.temporal_compression != 1:
+            raise NotImplementedError(f"{type(self).__name__} compresses time and has no streaming decoder")
+        return self.decode
 
     def latent_frames(self, num_frames: int) -> int:
         """Latent frames of a clip of `num_frames` frames (1 + k * temporal_compression, else ValueError)."""
@@ -310,13 +319,34 @@ class WanVAE(VideoCodec):
 
     def _decode_unclamped(self, z: torch.Tensor) -> torch.Tensor:
         """diffusers' decode loop (a latent frame at a time over a feature cache) minus the clamp; (B, 3, T, H, W)."""
-        x = self.vae.post_quant_conv(z)  # (B, C, F, h, w)
-        cache: list[Any] = [None] * self._num_decoder_convs
+        return self._decode_frames(z, [None] * self._num_decoder_convs, first=True)
+
+    def _decode_frames(self, z: torch.Tensor, cache: list[Any], first: bool) -> torch.Tensor:
+        """Latent frames (B, C, f, h, w) decoded one by one over `cache`, the causal convolutions' last inputs
+        (updated in place); `first`: z starts the video (its first frame decodes to one frame, not
+        `temporal_compression`)."""
+        x = self.vae.post_quant_conv(z)  # a 1x1x1 convolution: frame-wise
         frames = [
-            self.vae.decoder(x[:, :, i : i + 1], feat_cache=cache, feat_idx=[0], first_chunk=i == 0)
+            self.vae.decoder(x[:, :, i : i + 1], feat_cache=cache, feat_idx=[0], first_chunk=first and i == 0)
             for i in range(x.shape[2])
         ]
         return torch.cat(frames, dim=2)
+
+    def stream_decoder(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Each chunk of latents decoded as it arrives, the decoder's causal feature cache carried across calls:
+        the frames equal `decode` of the whole latent video (a real-time stream's decoder)."""
+        cache: list[Any] = [None] * self._num_decoder_convs
+        started = False
+
+        def decode_chunk(latents: torch.Tensor) -> torch.Tensor:
+            nonlocal started
+            self.check_latents(latents)
+            z = _to_diffusers(self.denormalize(latents)).to(self.vae.dtype)  # (B, C, f, h, w)
+            video = self._decode_frames(z, cache, first=not started).clamp(-1.0, 1.0)
+            started = True
+            return _to_ours(video)
+
+        return decode_chunk
 
     @torch.no_grad()
     def set_latent_stats(self, mean, std) -> None:
@@ -393,9 +423,10 @@ _CODECS: dict[str, type[VideoCodec]] = {"wan": WanVAE, "identity": IdentityCodec
 class CodecConfig:
     """Which codec: a kind, a named Wan config with overrides, or saved weights (a codec file or diffusers dir)."""
 
-    kind: str = field(default="wan", metadata={"choices": ("wan", "identity")})
+    # auto: the teacher's VAE when its checkpoint is a Wan directory, else identity (latent previews)
+    kind: str = field(default="wan", metadata={"choices": ("auto", "wan", "identity")})
     flavor: str = "world"  # a key of WAN_VAE_CONFIGS (kind wan, no checkpoint)
-    checkpoint: Optional[str] = None  # a save_codec file, or a diffusers AutoencoderKLWan directory
+    checkpoint: Optional[str] = None  # a save_codec file, a Wan model directory or its VAE (either layout)
     overrides: dict = field(default_factory=dict)  # WAN_VAE_CONFIGS fields (fresh codecs only)
 
 
@@ -409,7 +440,7 @@ def codec_from_config(cfg: CodecConfig | dict) -> VideoCodec:
         if cfg.overrides:
             raise ValueError(f"codec overrides {cfg.overrides} cannot apply to the saved codec {cfg.checkpoint}")
         path = Path(cfg.checkpoint)
-        codec = WanVAE.from_pretrained(str(path)) if path.is_dir() and cfg.kind == "wan" else load_codec(path)
+        codec = load_wan_vae(path) if path.is_dir() or path.suffix == ".pth" else load_codec(path)
         if codec.kind != cfg.kind:
             raise ValueError(f"{cfg.checkpoint} holds a {codec.kind!r} codec, the config asks for {cfg.kind!r}")
         return codec
@@ -418,6 +449,47 @@ def codec_from_config(cfg: CodecConfig | dict) -> VideoCodec:
             raise ValueError(f"the identity codec takes no overrides, got {cfg.overrides}")
         return IdentityCodec()
     return WanVAE.from_flavor(cfg.flavor, **cfg.overrides)
+
+
+def read_json_or_empty(path: Path) -> dict:
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return raw if isinstance(raw, dict) else {}
+
+
+def load_wan_vae(path: str | Path) -> WanVAE:
+    """The VAE of a Wan model directory (diffusers `vae/` or the original `Wan2.1_VAE.pth`), a diffusers
+    AutoencoderKLWan folder, or an original VAE file. Latent statistics: the diffusers config's, else (original
+    files, which do not hold them) the released Wan2.1 VAE's when the architecture is that one."""
+    from diffusers import AutoencoderKLWan
+
+    from sf.models.wan import (
+        read_torch_weights,
+        wan_files,
+        wan_vae_config,
+        wan_vae_to_diffusers,
+    )
+
+    path = Path(path)
+    if path.is_dir() and read_json_or_empty(path / "config.json").get("_class_name") == "AutoencoderKLWan":
+        folder = path  # a diffusers AutoencoderKLWan folder itself
+    else:
+        folder = wan_files(path).need("vae") if path.is_dir() else path
+    if folder.is_dir():
+        try:
+            return WanVAE.from_diffusers(AutoencoderKLWan.from_pretrained(str(folder), local_files_only=True))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{folder}: not a loadable AutoencoderKLWan ({str(e).splitlines()[0]})") from None
+    state = read_torch_weights(folder)
+    config = wan_vae_config(state)
+    released = WAN_VAE_CONFIGS["wan2.1"]
+    if all(config[k] == released[k] for k in ("base_dim", "z_dim", "num_res_blocks")):
+        config.update(latents_mean=released["latents_mean"], latents_std=released["latents_std"])
+    codec = WanVAE(config)
+    codec.vae.load_state_dict(wan_vae_to_diffusers(state), strict=True)
+    return codec
 
 
 # ------------------------------------------------------------------------------------------------------ save / load

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,6 +46,9 @@ class Job:
     Subclasses set `roles` and implement `step`; `task.optim.<role>` is each role's optimizer.
     """
 
+    networks: tuple[str, ...] = ()  # the config sections of the DiTs it builds (teacher, model, critic)
+    trained_sections: tuple[str, ...] = ()  # those of them it trains
+    data_kind: str = ""  # what data.shards holds: prompts | captions | latents | pixels (what preflight checks)
     roles: dict[str, Trainable]  # trained: LR-scheduled, checkpointed, exported
     frozen: dict[str, torch.nn.Module]  # only called: fingerprinted at start and end, must not change
     ema: EMA | None = None
@@ -87,8 +91,12 @@ class Job:
         """Sample videos (called on every rank: ZeRO-3 forwards are collective)."""
 
     def export(self, name: str, state: dict[str, torch.Tensor], path: Path, step: int) -> None:
-        """Write the full weights of `name` (a role or the EMA) as a standalone file (rank 0)."""
-        save_state_dict(state, self.model_config(name), path, extra_metadata={"step": step})
+        """Write the full weights of `name` (a role or the EMA) as a standalone file (rank 0) that carries the
+        run's config (what sf-generate reads: text encoder, codec, rollout, latent size)."""
+        from sf.config import RUN_CONFIG_KEY, config_to_yaml
+
+        metadata = {"step": step, RUN_CONFIG_KEY: config_to_yaml(self.cfg)}
+        save_state_dict(state, self.model_config(name), path, extra_metadata=metadata)
 
     def model_config(self, name: str):
         """The architecture of an exported role (the EMA shares its role's)."""
@@ -148,12 +156,16 @@ def check_finite(loss: torch.Tensor, what: str, step: int, role: str = "", updat
         )
 
 
-def build_net(net: NetConfig, seed: int) -> VideoDiT:
-    """A VideoDiT from its config: weights from `checkpoint`, or seeded random init (identical on every rank)."""
+def build_net(net: NetConfig, seed: int, dtype: torch.dtype = torch.float32) -> VideoDiT:
+    """A VideoDiT from its config: weights from `checkpoint`, or seeded random init (identical on every rank).
+
+    Weights are built on the meta device and take the file's tensors, memory-mapped, in `dtype` (the one the run
+    computes in, which DeepSpeed would cast to anyway): no random init beside them and, when the file already
+    holds that dtype, no private copy on any rank (the node's ranks share the page cache)."""
     if net.checkpoint and net.checkpoint != RANDOM_INIT:
-        return load_dit(net.checkpoint)
+        return load_dit(net.checkpoint, dtype=dtype)
     torch.manual_seed(seed)
-    return VideoDiT(dit_config(net.flavor, **net.overrides))
+    return VideoDiT(dit_config(net.flavor, **net.overrides)).to(dtype)
 
 
 def copy_weights(dst: VideoDiT, src: VideoDiT, what: str) -> VideoDiT:
@@ -164,13 +176,30 @@ def copy_weights(dst: VideoDiT, src: VideoDiT, what: str) -> VideoDiT:
     return dst
 
 
-def build_text_encoder(cfg: TrainConfig, device):
-    """The open_clip text tower of `cfg.text` behind a per-prompt feature cache."""
-    from sf.models.text import CachedTextEncoder, OpenCLIPTextEncoder
+def build_text_encoder(cfg: TrainConfig, device, dtype: torch.dtype = torch.float32):
+    """The text encoder of a resolved `cfg.text` behind the run's cached features: the fixed prompts' table
+    (sf-embed) when there is one, and UMT5 built only if a prompt is not in it."""
+    from sf.data.prompts import read_prompt_table
+    from sf.models.text import CachedTextEncoder, OpenCLIPTextEncoder, load_umt5
+    from sf.tasks.preflight import prompt_table_path
 
-    torch.manual_seed(cfg.seed + 3)  # a random-init tower must be the same on every rank
-    tower = OpenCLIPTextEncoder(cfg.text.model_name, cfg.text.pretrained, cfg.text.max_length, device=device)
-    return CachedTextEncoder(fallback=tower, max_length=cfg.text.max_length)
+    table_path = prompt_table_path(cfg)
+    table, meta = read_prompt_table(table_path) if table_path is not None else ({}, {})
+    if cfg.text.kind == "umt5":
+        def fallback():
+            return load_umt5(cfg.text.pretrained, device=device, dtype=dtype, max_length=cfg.text.max_length)
+    else:
+        torch.manual_seed(cfg.seed + 3)  # a random-init tower must be the same on every rank
+        fallback = OpenCLIPTextEncoder(cfg.text.model_name, cfg.text.pretrained, cfg.text.max_length, device=device)
+    samples = json.loads(meta.get("sample_prompts", "[]"))
+    return CachedTextEncoder(table, fallback=fallback, max_length=cfg.text.max_length, sample_prompts=samples)
+
+
+def compute_dtype(precision: str, device: torch.device | str) -> torch.dtype:
+    """The dtype networks run in for `trainer.precision` (auto: bf16 on GPU, fp32 on CPU)."""
+    if precision == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def in_dtype(net, dtype: torch.dtype):
@@ -184,15 +213,21 @@ def accumulate(out: dict, values: dict, num_micro: int) -> None:
         out[k] = out.get(k, 0.0) + float(v) / num_micro
 
 
+def trained_codec(cfg: TrainConfig, device, dtype: torch.dtype = torch.float32):
+    """The run's codec when it is a trained VAE (`cfg.codec` names weights), else None."""
+    if cfg.codec.kind == "identity" or cfg.codec.checkpoint is None:
+        return None
+    from sf.models.vae import codec_from_config
+
+    return codec_from_config(cfg.codec).to(device=device, dtype=dtype).eval()
+
+
 def video_decoder(cfg: TrainConfig, device):
     """latents (F, C, h, w) -> a video to look at: pixels through `cfg.codec` when it is a trained VAE, else a
     false-colour preview of the latents."""
     from sf.video import latent_preview
 
-    if cfg.codec.kind == "identity" or cfg.codec.checkpoint is None:
+    codec = trained_codec(cfg, device)
+    if codec is None:
         return lambda latents: latent_preview(latents.float().cpu())
-    from sf.models.vae import codec_from_config
-
-    codec = codec_from_config(cfg.codec).to(device).eval()
     return lambda latents: codec.decode(latents[None].float().to(device))[0].cpu()
-

@@ -21,7 +21,7 @@ from sf.distributed import OptimizerConfig
 from sf.logging import log
 from sf.rng import SampleNoise, seed_for
 from sf.schema import above, at_least, between, one_of
-from sf.tasks.base import EmaConfig, Job, accumulate, build_net, build_text_encoder, copy_weights, in_dtype, video_decoder
+from sf.tasks.base import EmaConfig, Job, accumulate, build_net, build_text_encoder, in_dtype, video_decoder
 
 
 @dataclass
@@ -53,15 +53,14 @@ class DistillTask:
     optim: DistillOptim = field(default_factory=DistillOptim)
 
 
-def build_networks(cfg):
-    """Teacher (frozen), generator and critic; the latter two start from the teacher unless told otherwise."""
-    teacher = build_net(cfg.teacher, cfg.seed)
-    generator = build_net(cfg.model, cfg.seed + 1)
-    if not cfg.model.checkpoint:
-        copy_weights(generator, teacher, "the generator")
-    critic = build_net(cfg.critic if not cfg.critic.init_from_teacher else cfg.teacher, cfg.seed + 2)
-    if cfg.critic.init_from_teacher:
-        copy_weights(critic, teacher, "the critic")
+def build_networks(cfg, dtype: torch.dtype = torch.float32):
+    """Teacher (frozen), generator and critic in `dtype`; the latter two start as the teacher (its weights and
+    therefore its architecture, whatever `model.flavor` says) unless they have checkpoints of their own."""
+    teacher = build_net(cfg.teacher, cfg.seed, dtype)
+    generator = (build_net(cfg.model, cfg.seed + 1, dtype) if cfg.model.checkpoint
+                 else build_net(cfg.teacher, cfg.seed, dtype))
+    critic = build_net(cfg.teacher if cfg.critic.init_from_teacher else cfg.critic,
+                       cfg.seed if cfg.critic.init_from_teacher else cfg.seed + 2, dtype)
     return teacher, generator, critic
 
 
@@ -130,12 +129,14 @@ def exits_agree(exit_steps: torch.Tensor) -> float:
 class DistillJob(Job):
     """Generator + critic roles against a frozen (possibly ZeRO-3 sharded) teacher; EMA of the generator."""
 
+    networks, trained_sections, data_kind = ("teacher", "model", "critic"), ("model", "critic"), "prompts"
+
     def __init__(self, cfg, runtime):
         super().__init__(cfg, runtime)
         from sf.data.prompts import PromptDataConfig, PromptStream
 
         task = self.task
-        teacher, generator, critic = build_networks(cfg)
+        teacher, generator, critic = build_networks(cfg, self.dtype)
         self.generator = self.train_role(generator, "generator", cfg.model.gradient_checkpointing)
         self.critic = self.train_role(critic, "critic", cfg.critic.gradient_checkpointing)
         self.teacher = distributed.build_frozen(teacher, cfg.deepspeed, runtime.ds_config, self.device, self.dtype)
@@ -148,7 +149,8 @@ class DistillJob(Job):
         self.stream = PromptStream(data_cfg, self.dist.rank, self.dist.world_size)
         self.batches = None
         self.text = build_text_encoder(cfg, self.device)
-        self.sample_prompts: list[str] = []  # the first prompt seen: what sample videos show
+        # what sample videos show: the prompt table's sample prompts (sf-embed), else the first prompt seen
+        self.sample_prompts: list[str] = list(self.text.sample_prompts)
         self.latent = (task.rollout.num_frames, generator.cfg.in_channels, task.latent_height, task.latent_width)
 
     @property
@@ -244,17 +246,18 @@ class DistillJob(Job):
 
     @torch.no_grad()
     def log_media(self, step: int, logger) -> None:
-        """Stream one video with the current generator (all ranks run it: ZeRO-3 forwards are collective)."""
+        """Stream a video of each sample prompt with the current generator (all ranks run them: ZeRO-3 forwards
+        are collective)."""
         if not self.sample_prompts:
             return
         cfg = self.cfg
-        prompt = self.sample_prompts[0]
-        cond, _ = self.text_features({"prompt": [prompt]})
-        noise = torch.randn((1, *self.latent), generator=torch.Generator().manual_seed(cfg.seed), dtype=torch.float32)
-        student = self.generator.module
-        video = generate(student, student.new_cache, noise.to(self.device, self.dtype), cond, self.task.rollout,
-                         rng=torch.Generator(device=self.device).manual_seed(cfg.seed))
-        if self.dist.is_main:
-            if not hasattr(self, "_decode"):
-                self._decode = video_decoder(cfg, self.device)
-            logger.log_video(step, "sample", self._decode(video[0]), caption=prompt)
+        for i, prompt in enumerate(self.sample_prompts):
+            cond, _ = self.text_features({"prompt": [prompt]})
+            noise = torch.randn((1, *self.latent), generator=torch.Generator().manual_seed(cfg.seed + i))
+            student = self.generator.module
+            video = generate(student, student.new_cache, noise.to(self.device, self.dtype), cond, self.task.rollout,
+                             rng=torch.Generator(device=self.device).manual_seed(cfg.seed + i))
+            if self.dist.is_main:
+                if not hasattr(self, "_decode"):
+                    self._decode = video_decoder(cfg, self.device)
+                logger.log_video(step, "sample" if i == 0 else f"sample_{i}", self._decode(video[0]), caption=prompt)

@@ -19,15 +19,16 @@ import torch
 
 from sf import distributed
 from sf.data.bank import SampleBank
-from sf.data.prompts import read_prompt_file
-from sf.data.shards import CorruptSample, decode_text, iter_samples, list_shards
+from sf.data.prompts import collate_prompts, decode_prompt, prompt_features, read_prompt_file
+from sf.data.shards import CorruptSample, iter_samples, list_shards
 from sf.distill.losses import ode_regression_loss
 from sf.distill.ode_pairs import decode_ode_sample, student_sigmas, write_ode_pairs
 from sf.distill.rollout import RolloutConfig, generate
 from sf.distributed import OptimizerConfig
+from sf.models.text import CachedTextEncoder
 from sf.rng import seed_for
 from sf.schema import above, at_least
-from sf.tasks.base import EmaConfig, Job, accumulate, build_net, build_text_encoder, copy_weights, in_dtype, video_decoder
+from sf.tasks.base import EmaConfig, Job, accumulate, build_net, build_text_encoder, in_dtype, video_decoder
 
 
 @dataclass
@@ -57,17 +58,20 @@ class OdeTask:
     optim: OdeOptim = field(default_factory=OdeOptim)
 
 
-def read_captions(spec: str, limit: int) -> list[str]:
-    """The first `limit` captions of a .txt file (one per line) or of shards with a ``txt`` member."""
+def read_captions(spec: str, limit: int) -> list[dict]:
+    """The first `limit` captions of a .txt file (one per line) or of shards with a ``txt`` member, as
+    {"prompt"[, "features", "mask"]}: shards written by sf-embed carry their cached text features."""
     if spec.endswith(".txt"):
-        captions = read_prompt_file(spec)
+        captions = [{"prompt": prompt} for prompt in read_prompt_file(spec)]
     else:
         captions = []
         for raw in iter_samples(list_shards(spec)):
             try:
-                captions.append(decode_text(raw).strip())
-            except CorruptSample:  # no caption, or not utf-8: not a pair to sample
+                caption = decode_prompt(raw)
+            except CorruptSample:  # no caption, not utf-8 or bad features: not a pair to sample
                 continue
+            caption["prompt"] = caption["prompt"].strip()
+            captions.append(caption)
             if len(captions) >= limit:
                 break
     if not captions:
@@ -78,16 +82,16 @@ def read_captions(spec: str, limit: int) -> list[str]:
 class OdeJob(Job):
     """One role (`generator`), causal, regressed onto teacher trajectories; EMA exported as `generator_ema`."""
 
+    networks, trained_sections, data_kind = ("teacher", "model"), ("model",), "captions"
+
     def __init__(self, cfg, runtime):
         super().__init__(cfg, runtime)
         task = self.task
         self.text = build_text_encoder(cfg, self.device)
-        student = build_net(cfg.model, cfg.seed + 1)
-        teacher = None
-        if not cfg.model.checkpoint or not task.shards:
-            teacher = build_net(cfg.teacher, cfg.seed)
-        if not cfg.model.checkpoint:
-            copy_weights(student, teacher, "the student")
+        # the student starts as the teacher (its weights and architecture) unless it has a checkpoint of its own
+        student = (build_net(cfg.model, cfg.seed + 1, self.dtype) if cfg.model.checkpoint
+                   else build_net(cfg.teacher, cfg.seed, self.dtype))
+        teacher = build_net(cfg.teacher, cfg.seed, self.dtype) if not task.shards else None
         shards = task.shards or self._write_pairs(teacher)
         del teacher
         self.student = self.train_role(student, "generator", cfg.model.gradient_checkpointing)
@@ -99,18 +103,33 @@ class OdeJob(Job):
             raise ValueError(f"ODE pairs in {shards} hold sigmas {found}, the student's steps give {expected}")
 
     def _write_pairs(self, teacher) -> str:
-        """Sample the teacher's trajectories into run_dir/data/ode once (rank 0); every rank returns the path."""
-        cfg, task = self.cfg, self.task
+        """Sample the teacher's trajectories into run_dir/data/ode once, every rank its share of the prompts
+        (prompt i on rank i mod world size: the pairs do not depend on the split); every rank returns the path."""
+        import shutil
+
+        cfg, task, d = self.cfg, self.task, self.dist
         out = self.runtime.run_dir / "data" / "ode"
-        if self.dist.is_main and not (out / "DONE").exists():
-            captions = read_captions(cfg.data.shards, task.num_pairs)
-            shape = (task.rollout.num_frames, teacher.cfg.in_channels, task.latent_height, task.latent_width)
-            print(f"[sf] sampling {len(captions)} teacher trajectories ({task.num_steps} steps) into {out}",
-                  flush=True)
-            write_ode_pairs(teacher.to(self.device).eval(), self.text, captions, str(out), latent_shape=shape,
-                            student_timesteps=task.rollout.timesteps(), num_steps=task.num_steps,
+        if (out / "DONE").exists():
+            return str(out)
+        if d.is_main and out.exists():
+            shutil.rmtree(out)  # shards of an unfinished sampling (maybe with another world size)
+        distributed.barrier()
+        captions = read_captions(cfg.data.shards, task.num_pairs)
+        mine = list(range(d.rank, len(captions), d.world_size))
+        shape = (task.rollout.num_frames, teacher.cfg.in_channels, task.latent_height, task.latent_width)
+        if d.is_main:
+            print(f"[sf] sampling {len(captions)} teacher trajectories ({task.num_steps} steps) into {out} "
+                  f"on {d.world_size} rank(s)", flush=True)
+        cached = {c["prompt"]: (c["features"], c["mask"]) for c in captions if "features" in c}
+        text = CachedTextEncoder({**self.text.table, **cached}, fallback=self.text, max_length=self.text.max_length)
+        if mine:
+            write_ode_pairs(teacher.to(self.device).eval(), text, [captions[i]["prompt"] for i in mine], str(out),
+                            latent_shape=shape, student_timesteps=task.rollout.timesteps(), num_steps=task.num_steps,
                             shift=task.shift, cfg_scale=task.cfg_scale, negative_prompt=cfg.text.negative_prompt,
-                            batch_size=task.batch_size, seed=cfg.seed, device=self.device)
+                            batch_size=task.batch_size, seed=cfg.seed, device=self.device, prefix=f"ode-r{d.rank:03d}",
+                            indices=mine, progress=d.is_main)
+        distributed.barrier()
+        if d.is_main:
             (out / "DONE").write_text(f"{len(captions)}\n")
         distributed.barrier()
         return str(out)
@@ -120,7 +139,7 @@ class OdeJob(Job):
         accum = cfg.trainer.grad_accum_steps
         for micro in range(accum):
             samples, _ = self.micro_batch(step, micro)
-            context, _ = self.text([s["prompt"] for s in samples])
+            context, _ = prompt_features(self.text, collate_prompts(samples))  # the pairs' cached features
             trajectory = torch.stack([s["trajectory"] for s in samples]).to(self.device)  # (B, K, F, C, h, w)
             clean = torch.stack([s["clean"] for s in samples]).to(self.device)
             rng = torch.Generator().manual_seed(seed_for(cfg.seed, "ode", step, d.rank, micro))
@@ -135,7 +154,7 @@ class OdeJob(Job):
         """The student streaming the first pair's caption chunk by chunk."""
         cfg = self.cfg
         sample = self.bank.samples[0]
-        context, _ = self.text([sample["prompt"]])
+        context, _ = prompt_features(self.text, collate_prompts([sample]))
         noise = torch.randn((1, *sample["clean"].shape), generator=torch.Generator().manual_seed(cfg.seed))
         net = self.student.module
         video = generate(net, net.new_cache, noise.to(self.device, self.dtype), context.to(self.device, self.dtype),

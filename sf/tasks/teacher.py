@@ -51,9 +51,11 @@ class TeacherTask:
 class TeacherJob(Job):
     """One role (`teacher`) trained bidirectionally; EMA exported as `teacher_ema`."""
 
+    networks, trained_sections, data_kind = ("model",), ("model",), "latents"
+
     def __init__(self, cfg, runtime):
         super().__init__(cfg, runtime)
-        net = build_net(cfg.model, cfg.seed)
+        net = build_net(cfg.model, cfg.seed, self.dtype)
         self.net = self.train_role(net, "teacher", cfg.model.gradient_checkpointing)
         self.make_ema(self.net, self.task.ema)
         self.bank = SampleBank(cfg.data.shards, decode_latent_sample, "latent samples")

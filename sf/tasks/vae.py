@@ -54,6 +54,8 @@ class VaeTask:
 class VaeJob(Job):
     """One role (`vae`), the codec of `cfg.codec` (a fresh Wan config, or saved weights to fine-tune)."""
 
+    data_kind = "pixels"
+
     def __init__(self, cfg, runtime):
         super().__init__(cfg, runtime)
         task = self.task

@@ -13,7 +13,7 @@ on), from the same seeded noise per caption, decoded by the world VAE. Then, per
   on every axis or low (any component at 0 gives 0);
 * nfe_per_frame: network evaluations each latent frame goes through (counted, not assumed: a bidirectional
   teacher step with CFG is 2 per frame; a causal chunk is its denoising steps plus the pass that writes its clean
-  K/V into the cache); seconds_per_frame: generation wall time per output video frame (VAE decoding excluded);
+  K/V into the cache, which the last chunk skips); seconds_per_frame: generation wall time per output video frame (VAE decoding excluded);
 * drift (causal models): rollouts to `drift_factor` x the training length with the rolling KV cache, scored per
   16-frame window (`drift_vs_horizon`).
 """
