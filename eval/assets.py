@@ -137,6 +137,15 @@ def step_latents(out: Path, vae: Path, shards: Path) -> Path:
     return latents
 
 
+def world_latents(out: Path, vae: Path | None = None, num_videos: int = Plan.num_videos) -> Path:
+    """The world's train videos encoded by `vae` (default: the shipped one) into latent shards, built once into
+    out/latents: what world_teacher, world_tf and world_df read."""
+    from sf.world import ASSETS
+
+    shards, _ = step_world(out, Plan(num_videos=num_videos))
+    return step_latents(out, vae or ASSETS / "vae.safetensors", shards)
+
+
 def step_classifier(out: Path, plan: Plan) -> Path:
     path = out / "classifier.safetensors"
     if not path.exists():
@@ -233,7 +242,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "assets", help="work dir (resumable)")
     parser.add_argument("--install", type=Path, default=None, help="copy the results here (e.g. sf/assets/world)")
     parser.add_argument("--quick", action="store_true", help="a shortened run of every recipe (minutes; tests)")
+    parser.add_argument("--latents-only", action="store_true",
+                        help="only the train videos' latent shards, encoded by the shipped VAE, into --out/latents "
+                             "(the data of experiment=world_tf / world_df)")
+    parser.add_argument("--num-videos", type=int, default=Plan.num_videos, help="train videos (--latents-only)")
     args = parser.parse_args(argv)
+    if args.latents_only:
+        print(world_latents(args.out, num_videos=args.num_videos))
+        return
     assets = build(args.out, QUICK if args.quick else Plan())
     if args.install is not None:
         install(args.out, assets, args.install)

@@ -300,6 +300,39 @@ def plot_metrics(path: Path, out_png: Path, keys: list[str] | None = None) -> Pa
     return Path(out_png)
 
 
+def plot_runs(runs: dict[str, Path], keys: list[str], out_png: Path, title: str | None = None) -> Path | None:
+    """PNG of `keys` from several runs' metrics.jsonl against step: one panel per key, one line per run (the
+    health curves of a run, or of runs side by side); keys no run logged are left out, None when none is left."""
+    from matplotlib.figure import Figure
+
+    rows = {label: read_metrics(path) for label, path in runs.items()}
+    series = {key: {label: [(r["step"], float(r[key])) for r in run if isinstance(r.get(key), (int, float))
+                            and math.isfinite(r[key])] for label, run in rows.items()} for key in keys}
+    keys = [key for key in keys if any(series[key].values())]
+    if not keys:
+        return None
+    columns = 2 if len(keys) > 3 else 1
+    panel_rows = math.ceil(len(keys) / columns)
+    fig = Figure(figsize=(5.2 * columns, 2.3 * panel_rows), dpi=110)
+    axes = fig.subplots(panel_rows, columns, squeeze=False).flatten()
+    for ax, key in zip(axes, keys):
+        for i, (label, points) in enumerate(series[key].items()):
+            if points:
+                ax.plot(*zip(*points), marker=".", lw=1.4, color=f"C{i}", label=label)
+        ax.set_title(key, fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in axes[len(keys):]:
+        ax.set_visible(False)
+    axes[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png)
+    return Path(out_png)
+
+
 def smooth(values):
     """Trailing moving average over ~5% of the points (partial windows at the start)."""
     import numpy as np

@@ -146,7 +146,7 @@ def check_inputs(cfg: TrainConfig, world_size: int):
     from sf.logging import wandb_login_problem
 
     job_class = TASKS[cfg.task.name][1]
-    plan = preflight(cfg, world_size, job_class.networks, job_class.data_kind)
+    plan = preflight(cfg, world_size, job_class.networks, job_class.data_for(cfg.task))
     problem = wandb_login_problem(cfg.logger)
     if problem is not None:
         raise ValueError(problem)
@@ -264,6 +264,9 @@ def _train(cfg: TrainConfig, run_dir: Path, d) -> dict:
         elapsed = time.perf_counter() - start
         metrics.update({"time/step_s": elapsed, "time/samples_per_s": samples_per_iteration / elapsed,
                         "data/skipped": float(job.num_skipped)})
+        checked = job.periodic(step + 1)  # health checks: not part of the step's time
+        if checked:
+            metrics.update({**checked, "time/health_s": time.perf_counter() - start - elapsed})
         logger.log(step + 1, metrics)
         if cfg.logger.video_every > 0 and (step + 1) % cfg.logger.video_every == 0:  # every rank: ZeRO-3 gathers
             job.log_media(step + 1, logger)

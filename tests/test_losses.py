@@ -57,6 +57,7 @@ def test_dmd_gradient_is_exactly_grad_over_numel(dtype, rtol):
     assert loss.item() == pytest.approx(0.5 * grad.square().mean().item(), rel=rtol)
     assert stats["dmd_grad_abs_mean"].item() == pytest.approx(grad.abs().mean().item(), rel=1e-6)  # fp32 stats
     assert stats["dmd_normaliser"].item() == pytest.approx(normaliser.mean().item(), rel=1e-6)
+    assert stats["dmd_grad_norm"].item() == pytest.approx(grad.flatten(1).norm(dim=1).mean().item(), rel=1e-6)
     assert loss.dtype == dtype
 
 

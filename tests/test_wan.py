@@ -291,6 +291,9 @@ TRAINED_BY = {  # every experiment in conf/experiment/ and the test that trains 
     "wan1.3b_selfforcing": ("test_wan.py", "test_wan_recipe_trains_on_two_ranks_and_generates"),
     "wan1.3b_selfforcing_14b_teacher": ("test_wan.py", "test_14b_teacher_variant_trains_with_a_critic_of_its_own"),
     "wan1.3b_ode": ("test_wan.py", "test_ode_recipe_samples_pairs_on_every_rank_then_regresses"),
+    "world_sf": ("test_health.py", "test_a_world_run_logs_its_health_to_metrics_jsonl_and_wandb"),
+    "world_tf": ("test_baselines.py", "test_the_world_baseline_recipes_train_on_world_latents"),
+    "world_df": ("test_baselines.py", "test_the_world_baseline_recipes_train_on_world_latents"),
 }
 
 

@@ -84,6 +84,7 @@ def dmd_loss(
     stats = {
         "dmd_loss": loss.detach().float(),
         "dmd_grad_abs_mean": grad.abs().mean().float(),
+        "dmd_grad_norm": grad.flatten(1).norm(dim=1).mean().float(),  # per-sample L2 norm, batch mean
         "dmd_normaliser": normaliser.mean().float(),
     }
     return loss.to(_loss_dtype(video)), stats

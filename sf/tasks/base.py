@@ -90,6 +90,16 @@ class Job:
     def log_media(self, step: int, logger) -> None:
         """Sample videos (called on every rank: ZeRO-3 forwards are collective)."""
 
+    def periodic(self, step: int) -> dict[str, float]:
+        """Metrics the job computes every so often after step `step` (health checks), equal on every rank (every
+        rank calls it, after the step's metrics were averaged)."""
+        return {}
+
+    @classmethod
+    def data_for(cls, task) -> str:
+        """What `data.shards` holds for this task's config (what preflight checks)."""
+        return cls.data_kind
+
     def export(self, name: str, state: dict[str, torch.Tensor], path: Path, step: int) -> None:
         """Write the full weights of `name` (a role or the EMA) as a standalone file (rank 0) that carries the
         run's config (what sf-generate reads: text encoder, codec, rollout, latent size)."""

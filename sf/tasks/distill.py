@@ -1,13 +1,23 @@
 """task=distill: self-forcing DMD (or SiD) distillation of the frozen teacher into a causal few-step generator.
 
-Per iteration: `generator_step` every `task.gen_update_every` iterations (a self-forcing rollout with grad at
-the exit step, DMD through the guided teacher and the frozen critic), then `critic_step` (a fresh no-grad rollout,
-flow matching of the critic on it). Every random draw comes from per-sample seeded streams (`sf.rng`).
+Per iteration: `generator_step` every `task.gen_update_every` iterations (a rollout with grad at the exit step,
+DMD through the guided teacher and the frozen critic), then `critic_step` (a fresh no-grad rollout, flow matching
+of the critic on it). Every random draw comes from per-sample seeded streams (`sf.rng`).
+
+`task.context` says what each chunk is generated from, i.e. what the KV cache holds:
+
+    self_forcing       the student's own earlier outputs, exactly as at inference (data: prompts)
+    teacher_forcing    the real clean earlier chunks (data: latent shards, the real videos of the captions)
+    diffusion_forcing  the real earlier chunks, each noised independently to a random denoising step's level
+
+The last two are the baselines the self-forcing paper compares against, trained by the same loop on equal
+iterations and batch; only the rollout's context differs. Every `task.health.every` steps the job also checks
+the student on fixed prompts (`sf.distill.health`).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -15,13 +25,30 @@ import torch
 
 from sf import distributed
 from sf.diffusion.flow import dmd_timestep
+from sf.distill.health import HealthConfig, critic_gap, latent_signals
 from sf.distill.losses import critic_loss, dmd_loss, sid_loss, x0_predictor
-from sf.distill.rollout import RolloutConfig, generate, self_forcing_rollout
+from sf.distill.rollout import (
+    RolloutConfig,
+    diffusion_forcing_rollout,
+    generate,
+    self_forcing_rollout,
+    teacher_forcing_rollout,
+)
 from sf.distributed import OptimizerConfig
 from sf.logging import log
 from sf.rng import SampleNoise, seed_for
 from sf.schema import above, at_least, between, one_of
-from sf.tasks.base import EmaConfig, Job, accumulate, build_net, build_text_encoder, in_dtype, video_decoder
+from sf.tasks.base import (
+    EmaConfig,
+    Job,
+    accumulate,
+    build_net,
+    build_text_encoder,
+    in_dtype,
+    video_decoder,
+)
+
+CONTEXTS = ("self_forcing", "teacher_forcing", "diffusion_forcing")
 
 
 @dataclass
@@ -39,6 +66,8 @@ class DistillTask:
     needs_teacher: ClassVar[bool] = True
     name: str = "distill"
     objective: str = field(default="dmd", metadata=one_of("dmd", "sid"))
+    # what the cache holds while a chunk is generated (module docstring); the forcing baselines read latent shards
+    context: str = field(default="self_forcing", metadata=one_of(*CONTEXTS))
     cfg_scale: float = field(default=3.0, metadata=at_least(0))  # real = cond + cfg_scale * (cond - uncond)
     timestep_shift: float = field(default=5.0, metadata=above(0))
     min_timestep_ratio: float = field(default=0.02, metadata=between(0, 1))
@@ -51,6 +80,7 @@ class DistillTask:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     ema: EmaConfig = field(default_factory=lambda: EmaConfig(decay=0.99, start_step=200))
     optim: DistillOptim = field(default_factory=DistillOptim)
+    health: HealthConfig = field(default_factory=HealthConfig)
 
 
 def build_networks(cfg, dtype: torch.dtype = torch.float32):
@@ -131,10 +161,13 @@ class DistillJob(Job):
 
     networks, trained_sections, data_kind = ("teacher", "model", "critic"), ("model", "critic"), "prompts"
 
+    @classmethod
+    def data_for(cls, task) -> str:
+        """Self forcing needs prompts only; the forcing baselines the real videos' latents."""
+        return "prompts" if task.context == "self_forcing" else "latents"
+
     def __init__(self, cfg, runtime):
         super().__init__(cfg, runtime)
-        from sf.data.prompts import PromptDataConfig, PromptStream
-
         task = self.task
         teacher, generator, critic = build_networks(cfg, self.dtype)
         self.generator = self.train_role(generator, "generator", cfg.model.gradient_checkpointing)
@@ -142,31 +175,48 @@ class DistillJob(Job):
         self.teacher = distributed.build_frozen(teacher, cfg.deepspeed, runtime.ds_config, self.device, self.dtype)
         self.frozen = {"teacher": self.teacher}
         self.make_ema(self.generator, task.ema)
+        self.latent = (task.rollout.num_frames, generator.cfg.in_channels, task.latent_height, task.latent_width)
 
-        data_cfg = PromptDataConfig(**{**asdict(cfg.data), "seed": cfg.data.seed + cfg.seed,
-                                       "shards": prepare_prompt_shards(cfg.data.shards, runtime.run_dir,
-                                                                       self.dist.rank)})
-        self.stream = PromptStream(data_cfg, self.dist.rank, self.dist.world_size)
-        self.batches = None
+        self.stream = self.batches = None
+        if task.context == "self_forcing":
+            from sf.data.prompts import PromptDataConfig, PromptStream
+
+            data_cfg = PromptDataConfig(**{**asdict(cfg.data), "seed": cfg.data.seed + cfg.seed,
+                                           "shards": prepare_prompt_shards(cfg.data.shards, runtime.run_dir,
+                                                                           self.dist.rank)})
+            self.stream = PromptStream(data_cfg, self.dist.rank, self.dist.world_size)
+        else:
+            from sf.data.bank import SampleBank
+            from sf.data.latents import decode_latent_sample
+
+            self.bank = SampleBank(cfg.data.shards, decode_latent_sample, "latent samples")  # shapes: preflight
         self.text = build_text_encoder(cfg, self.device)
         # what sample videos show: the prompt table's sample prompts (sf-embed), else the first prompt seen
         self.sample_prompts: list[str] = list(self.text.sample_prompts)
-        self.latent = (task.rollout.num_frames, generator.cfg.in_channels, task.latent_height, task.latent_width)
+        self.health_prompts: list[str] | None = None
 
     @property
     def num_skipped(self):
-        return self.stream.num_skipped
+        return self.stream.num_skipped if self.stream is not None else self.bank.num_skipped
 
     def state_dict(self):
-        return {"data": self.stream.state_dict()}
+        return {"data": self.stream.state_dict()} if self.stream is not None else {}  # a bank's order is the step's
 
     def load_state_dict(self, state):
-        self.stream.load_state_dict(state["data"])
+        if self.stream is not None:
+            self.stream.load_state_dict(state["data"])
 
-    def next_batch(self):
-        if self.batches is None:
-            self.batches = iter(self.stream)
-        return next(self.batches)
+    def next_batch(self, step: int, micro: int, role: str) -> dict:
+        """The next prompts (self forcing: the stream's), or the real latents and captions of `role`'s micro-batch
+        of `step` (the forcing baselines: a function of the step, so resume needs no data state)."""
+        if self.stream is not None:
+            if self.batches is None:
+                self.batches = iter(self.stream)
+            return next(self.batches)
+        cfg, d = self.cfg, self.dist
+        samples = self.bank.batch(seed_for(cfg.seed, "distill", role), step, micro, cfg.trainer.grad_accum_steps,
+                                  d.rank, d.world_size, cfg.data.batch_size)
+        return {"prompt": [s["prompt"] for s in samples], "latents": torch.stack([s["latents"] for s in samples])}
 
     def text_features(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Text features of a batch (`cond`) and of the negative prompt, encoded once (`uncond`), in the compute
@@ -180,8 +230,9 @@ class DistillJob(Job):
         uncond, _ = encode_negative_prompt(self.text, self.cfg.text.negative_prompt, cond.shape[0])
         return cond.to(self.device, self.dtype), uncond.to(self.device, self.dtype)
 
-    def roll_out(self, step: int, micro: int, role: str, cond: torch.Tensor):
-        """A self-forcing rollout plus the DMD/critic timestep and noise, all from per-sample seeded streams.
+    def roll_out(self, step: int, micro: int, role: str, cond: torch.Tensor, real: torch.Tensor | None = None):
+        """A training rollout (`task.context`; `real`: the batch's latents for the forcing baselines) plus the
+        DMD/critic timestep and noise, all from per-sample seeded streams.
 
         A sample's randomness depends on (seed, role, step, rank, its index in the step), not on how samples
         are grouped into micro-batches; exit steps come from one generator per (role, step), drawn on rank 0
@@ -192,10 +243,15 @@ class DistillJob(Job):
         noise = SampleNoise([seed_for(cfg.seed, role, step, d.rank, first + b) for b in range(cond.shape[0])],
                             device=self.device)
         exits = torch.Generator().manual_seed(seed_for(cfg.seed, role + "/exit", step))
-        rollout = self_forcing_rollout(
-            self.generator, self.generator.module.new_cache, noise.randn(self.latent, self.dtype), cond, task.rollout,
-            rng=noise, sync=distributed.broadcast_from_main, exit_rng=exits,
-        )
+        student, new_cache = self.generator, self.generator.module.new_cache
+        options = {"rng": noise, "sync": distributed.broadcast_from_main, "exit_rng": exits}
+        initial = noise.randn(self.latent, self.dtype)
+        if task.context == "self_forcing":
+            rollout = self_forcing_rollout(student, new_cache, initial, cond, task.rollout, **options)
+        else:
+            forcing = teacher_forcing_rollout if task.context == "teacher_forcing" else diffusion_forcing_rollout
+            rollout = forcing(student, new_cache, real.to(self.device, self.dtype), initial, cond, task.rollout,
+                              **options)
         span = (0.0, 1.0)
         if task.timestep_from_exit:  # only noise levels the exit step itself denoised (reference's ts_schedule)
             span = (rollout.denoised_to / 1000, rollout.denoised_from / 1000)
@@ -210,11 +266,12 @@ class DistillJob(Job):
         return out
 
     def generator_step(self, step: int) -> dict:
-        """Self-forcing rollout with grad at the exit step, DMD (or SiD) loss through teacher and frozen critic."""
+        """A rollout with grad at the exit step, DMD (or SiD) loss through teacher and frozen critic."""
         cfg, task, out = self.cfg, self.task, {}
         for micro in range(cfg.trainer.grad_accum_steps):
-            cond, uncond = self.text_features(self.next_batch())
-            rollout, t, eps = self.roll_out(step, micro, "generator", cond)
+            batch = self.next_batch(step, micro, "generator")
+            cond, uncond = self.text_features(batch)
+            rollout, t, eps = self.roll_out(step, micro, "generator", cond, batch.get("latents"))
             video = rollout.video.float()  # (B, F, C, H, W)
             real = x0_predictor(in_dtype(self.teacher, self.dtype), cond, task.cfg_scale, uncond)
             with self.critic.frozen() as critic:
@@ -234,9 +291,10 @@ class DistillJob(Job):
         """A fresh no-grad rollout; the critic learns the generator's distribution by flow matching."""
         cfg, out = self.cfg, {}
         for micro in range(cfg.trainer.grad_accum_steps):
-            cond, _ = self.text_features(self.next_batch())
+            batch = self.next_batch(step, micro, "critic")
+            cond, _ = self.text_features(batch)
             with torch.no_grad():
-                rollout, t, eps = self.roll_out(step, micro, "critic", cond)
+                rollout, t, eps = self.roll_out(step, micro, "critic", cond, batch.get("latents"))
             loss = critic_loss(lambda x, tt: in_dtype(self.critic, self.dtype)(x, tt, cond), rollout.video.float(),
                                t, eps)
             self.optimise(self.critic, loss, "critic", step)
@@ -244,20 +302,96 @@ class DistillJob(Job):
                        cfg.trainer.grad_accum_steps)
         return self.finish_update(out, self.critic, step)
 
+    def stream_videos(self, prompts: list[str], rollout: RolloutConfig, seed: int) -> torch.Tensor:
+        """Latents (B, F, C, h, w) the current generator streams for `prompts` over its cache, all steps, from
+        noise seeded by `seed` (every rank runs it: ZeRO-3 forwards are collective)."""
+        cond, _ = self.text_features({"prompt": prompts})
+        noise = torch.stack([torch.randn((rollout.num_frames, *self.latent[1:]),
+                                         generator=torch.Generator().manual_seed(seed + i)) for i in range(len(prompts))])
+        student = self.generator.module
+        return generate(student, student.new_cache, noise.to(self.device, self.dtype), cond, rollout,
+                        rng=torch.Generator(device=self.device).manual_seed(seed))
+
     @torch.no_grad()
     def log_media(self, step: int, logger) -> None:
-        """Stream a video of each sample prompt with the current generator (all ranks run them: ZeRO-3 forwards
-        are collective)."""
+        """Stream a video of each sample prompt with the current generator."""
         if not self.sample_prompts:
             return
-        cfg = self.cfg
         for i, prompt in enumerate(self.sample_prompts):
-            cond, _ = self.text_features({"prompt": [prompt]})
-            noise = torch.randn((1, *self.latent), generator=torch.Generator().manual_seed(cfg.seed + i))
-            student = self.generator.module
-            video = generate(student, student.new_cache, noise.to(self.device, self.dtype), cond, self.task.rollout,
-                             rng=torch.Generator(device=self.device).manual_seed(cfg.seed + i))
+            video = self.stream_videos([prompt], self.task.rollout, self.cfg.seed + i)
             if self.dist.is_main:
-                if not hasattr(self, "_decode"):
-                    self._decode = video_decoder(cfg, self.device)
-                logger.log_video(step, "sample" if i == 0 else f"sample_{i}", self._decode(video[0]), caption=prompt)
+                logger.log_video(step, "sample" if i == 0 else f"sample_{i}", self.decode()(video[0]), caption=prompt)
+
+    def decode(self):
+        """latents (F, C, h, w) -> a video to look at (`video_decoder`), built once."""
+        if not hasattr(self, "_decode"):
+            self._decode = video_decoder(self.cfg, self.device)
+        return self._decode
+
+    @torch.no_grad()
+    def periodic(self, step: int) -> dict:
+        """Every `task.health.every` steps: the student's health on fixed prompts (`sf.distill.health`), the same
+        on every rank."""
+        health, task, cfg = self.task.health, self.task, self.cfg
+        if not health.every or step % health.every:
+            return {}
+        prompts = self._health_prompts()
+        long = replace(task.rollout, num_frames=task.rollout.num_frames * health.horizon_factor,
+                       local_attn_frames=task.rollout.local_attn_frames or task.rollout.num_frames)
+        latents = self.stream_videos(prompts, long, seed_for(cfg.seed, "health"))  # (K, F', C, h, w)
+        out = latent_signals(latents, task.rollout.num_frames, task.rollout.frames_per_block, health.static_threshold)
+        cond, uncond = self.text_features({"prompt": prompts})
+        with self.critic.frozen() as critic:
+            out.update(critic_gap(x0_predictor(in_dtype(self.teacher, self.dtype), cond, task.cfg_scale, uncond),
+                                  x0_predictor(in_dtype(critic, self.dtype), cond),
+                                  latents[:, :task.rollout.num_frames].to(self.dtype), health.noise_levels,
+                                  seed=seed_for(cfg.seed, "health/gap")))
+        if health.world:
+            out.update(self._world_terms(latents, prompts))
+        return {f"health/{k}": v for k, v in out.items()}
+
+    def _health_prompts(self) -> list[str]:
+        """The fixed prompts of the health check: the world's val captions, else the sample prompts topped up by
+        rank 0's first prompts (broadcast: every rank checks the same)."""
+        if self.health_prompts is None:
+            count = self.task.health.num_prompts
+            if self.task.health.world:
+                from sf.world.health import health_captions
+
+                prompts = health_captions(count)
+            else:
+                prompts = list(self.sample_prompts[:count])
+                if len(prompts) < count:
+                    prompts += self._first_prompts(count - len(prompts))
+            self.health_prompts = distributed.broadcast_object(prompts)
+        return self.health_prompts
+
+    def _first_prompts(self, count: int) -> list[str]:
+        """The first `count` prompts of the data in its own order, read without moving the training stream (whose
+        position is checkpointed); fewer when the data holds fewer."""
+        if self.bank is not None:
+            return [s["prompt"] for s in self.bank.samples[:count]]
+        from itertools import islice
+
+        from sf.data.prompts import PromptStream
+
+        prompts = []
+        for batch in islice(PromptStream(replace(self.stream.cfg, num_workers=0), rank=0, world_size=1), count):
+            prompts += batch["prompt"]  # at least one per batch
+            if len(prompts) >= count:
+                break
+        return prompts[:count]
+
+    def _world_terms(self, latents: torch.Tensor, prompts: list[str]) -> dict:
+        """The oracle's terms of the decoded health videos (rank 0 scores them, every rank gets the result)."""
+        terms = None
+        if self.dist.is_main:
+            import numpy as np
+
+            from sf.video import to_uint8
+            from sf.world.health import oracle_terms
+
+            videos = np.stack([to_uint8(self.decode()(video)) for video in latents])  # (K, T, H, W, 3)
+            per_latent = (videos.shape[1] - 1) // (latents.shape[1] - 1)  # the codec's temporal compression
+            terms = oracle_terms(videos, prompts, 1 + per_latent * (self.task.rollout.num_frames - 1))
+        return distributed.broadcast_object(terms)

@@ -120,6 +120,26 @@ def net_architecture(net: NetConfig, what: str) -> DiTConfig:
     return dit_config(net.flavor, **net.overrides)
 
 
+def _check_rollout_latents(cfg: TrainConfig, shards: list[str], channels: int) -> None:
+    """The first readable sample of latent shards has the shape the student's rollout generates (the forcing
+    baselines put these real latents into its cache)."""
+    from sf.data.latents import decode_latent_sample
+    from sf.data.shards import CorruptSample, iter_samples
+
+    task = cfg.task
+    expected = (task.rollout.num_frames, channels, task.latent_height, task.latent_width)
+    for raw in iter_samples(shards[:1]):
+        try:
+            shape = tuple(decode_latent_sample(raw)["latents"].shape)
+        except CorruptSample:
+            continue  # counted and skipped by the run itself
+        if shape != expected:
+            raise ValueError(f"data.shards: latents of {cfg.data.shards} are {shape} (F, C, h, w), the "
+                             f"{task.context} rollout needs {expected} (task.rollout.num_frames, the model's "
+                             f"in_channels, task.latent_height, task.latent_width)")
+        return
+
+
 def preflight(cfg: TrainConfig, world_size: int, networks: tuple[str, ...], data: str) -> Plan:
     """Check a resolved config against the files it names; `networks` are the config sections the task builds
     (teacher, model, critic), `data` what its shards hold (prompts, latents, pixels, captions)."""
@@ -164,6 +184,8 @@ def preflight(cfg: TrainConfig, world_size: int, networks: tuple[str, ...], data
             raise ValueError(f"data.shards {cfg.data.shards} holds {len(shards)} shards, fewer than the {world_size} "
                              f"ranks x {workers} workers that each read their own: write smaller shards")
         plan.lines.append(f"data: {len(shards)} shards of {data} ({cfg.data.shards})")
+        if data == "latents" and hasattr(cfg.task, "rollout") and "model" in plan.architectures:
+            _check_rollout_latents(cfg, shards, plan.architectures["model"].in_channels)
 
     # -- text: a width every network takes
     if data in ("prompts", "captions", "latents"):

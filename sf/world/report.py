@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sf.logging import plot_metrics
+from sf.logging import plot_metrics, plot_runs
 from sf.video import grid, save_video, side_by_side, to_uint8
 
 MODELS = ("teacher", "ode_init", "student")  # the demo's models, in the order the report shows them
@@ -62,7 +62,11 @@ def write_report(
 
     written = {}  # name -> path relative to out_dir, for the links of report.md
     if metrics_path is not None:
+        from sf.distill.health import PLOT_KEYS
+
         written["losses"] = plot_metrics(metrics_path, out_dir / "plots" / "losses.png")
+        written["health"] = plot_runs({"student": metrics_path}, PLOT_KEYS, out_dir / "plots" / "health.png",
+                                      "the student's health during training (docs/health.md)")
     if history:
         written["metric_vs_step"] = plot_metric_vs_step(history, out_dir / "plots" / "metric_vs_step.png")
     if drift:
@@ -179,7 +183,8 @@ def _markdown(report: dict, written: dict[str, str], sample_models: list[str], c
         "",
         ("A video diffusion *teacher* was distilled into a causal few-step *student*: first by regression on the "
         "teacher's ODE trajectories (*ode_init*), then by self forcing. Each model generated videos from the same "
-        "held-out captions, scored below. All numbers are also in [report.json](report.json)."),
+        "evaluation captions (the world's `val` split unless sf-eval was told another: scenes never trained "
+        "on), scored below. All numbers are also in [report.json](report.json)."),
         "",
         "## Results",
         "",
@@ -200,6 +205,7 @@ def _markdown(report: dict, written: dict[str, str], sample_models: list[str], c
     lines += ["", "## How the oracle score is defined", "", report.get("oracle_definition", ORACLE_DEFINITION)]
 
     plots = {"losses": "Training losses (light: raw; dark: smoothed)",
+             "health": "The student's health checks during training",
              "metric_vs_step": "Evaluation metrics over training",
              "drift_vs_horizon": "Oracle score of long rollouts against horizon (drift)"}
     if any(key in written for key in plots):
