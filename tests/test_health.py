@@ -98,3 +98,17 @@ def test_a_world_run_logs_its_health_to_metrics_jsonl_and_wandb(tmp_path):
     for row in rows:
         for key in HEALTH_KEYS:
             assert history[row["step"]][f"health/{key}"] == row[f"health/{key}"], key
+
+
+@pytest.mark.slow
+def test_health_checks_never_change_the_training(tmp_path):
+    """Checks on the data's own first prompts (no table, not the world) read nothing the run reads and draw from
+    no stream the run draws from: the losses are those of the same run without them."""
+    base = ["experiment=smoke", "trainer.max_steps=4"]
+    run_train(tmp_path / "off", base, nproc=1)
+    run_train(tmp_path / "on", [*base, "task.health.every=1", "task.health.num_prompts=3"], nproc=1)
+    off, on = read_metrics(tmp_path / "off"), read_metrics(tmp_path / "on")
+    for key in ("loss/critic", "grad_norm/critic"):
+        assert [r[key] for r in off] == [r[key] for r in on], key
+    assert all("health/critic_gap" in r and "health/oracle_score" not in r for r in on)
+    assert not any(k.startswith("health/") for r in off for k in r)
