@@ -109,28 +109,33 @@ def transformers_t5_to_wan(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return {_rename(k, _T5_INVERSE): v for k, v in state.items() if k != "encoder.embed_tokens.weight"}
 
 
-_T5_RULES = [  # (Wan pattern, transformers replacement)
-    (r"^token_embedding\.", "shared."),
-    (r"^blocks\.(\d+)\.norm1\.", r"encoder.block.\1.layer.0.layer_norm."),
-    (r"^blocks\.(\d+)\.attn\.(q|k|v|o)\.", r"encoder.block.\1.layer.0.SelfAttention.\2."),
-    (r"^blocks\.(\d+)\.pos_embedding\.embedding\.", r"encoder.block.\1.layer.0.SelfAttention.relative_attention_bias."),
-    (r"^blocks\.(\d+)\.norm2\.", r"encoder.block.\1.layer.1.layer_norm."),
-    (r"^blocks\.(\d+)\.ffn\.gate\.0\.", r"encoder.block.\1.layer.1.DenseReluDense.wi_0."),  # the GELU branch
-    (r"^blocks\.(\d+)\.ffn\.fc1\.", r"encoder.block.\1.layer.1.DenseReluDense.wi_1."),  # the linear branch
-    (r"^blocks\.(\d+)\.ffn\.fc2\.", r"encoder.block.\1.layer.1.DenseReluDense.wo."),
-    (r"^norm\.", "encoder.final_layer_norm."),
+# Wan's T5Encoder name prefixes and transformers' UMT5EncoderModel ones, as templates read both ways: {n} is a block
+# index, {p} one of the attention projections q, k, v, o
+_T5_NAMES = [
+    ("token_embedding.", "shared."),
+    ("blocks.{n}.norm1.", "encoder.block.{n}.layer.0.layer_norm."),
+    ("blocks.{n}.attn.{p}.", "encoder.block.{n}.layer.0.SelfAttention.{p}."),
+    ("blocks.{n}.pos_embedding.embedding.", "encoder.block.{n}.layer.0.SelfAttention.relative_attention_bias."),
+    ("blocks.{n}.norm2.", "encoder.block.{n}.layer.1.layer_norm."),
+    ("blocks.{n}.ffn.gate.0.", "encoder.block.{n}.layer.1.DenseReluDense.wi_0."),  # the GELU branch
+    ("blocks.{n}.ffn.fc1.", "encoder.block.{n}.layer.1.DenseReluDense.wi_1."),  # the linear branch
+    ("blocks.{n}.ffn.fc2.", "encoder.block.{n}.layer.1.DenseReluDense.wo."),
+    ("norm.", "encoder.final_layer_norm."),
 ]
-_T5_INVERSE = [  # (transformers pattern, Wan replacement)
-    (r"^shared\.", "token_embedding."),
-    (r"^encoder\.block\.(\d+)\.layer\.0\.layer_norm\.", r"blocks.\1.norm1."),
-    (r"^encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.relative_attention_bias\.", r"blocks.\1.pos_embedding.embedding."),
-    (r"^encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.(q|k|v|o)\.", r"blocks.\1.attn.\2."),
-    (r"^encoder\.block\.(\d+)\.layer\.1\.layer_norm\.", r"blocks.\1.norm2."),
-    (r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_0\.", r"blocks.\1.ffn.gate.0."),
-    (r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wi_1\.", r"blocks.\1.ffn.fc1."),
-    (r"^encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.wo\.", r"blocks.\1.ffn.fc2."),
-    (r"^encoder\.final_layer_norm\.", "norm."),
-]
+
+
+def _prefix_rules(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(from template, to template) pairs as `_rename` rules: an anchored prefix regex and its replacement."""
+    fields = {"n": r"(?P<n>\d+)", "p": r"(?P<p>[qkvo])"}
+
+    def pattern(template: str) -> str:
+        return "^" + re.sub(r"\\\{(\w)\\\}", lambda m: fields[m[1]], re.escape(template))
+
+    return [(pattern(a), re.sub(r"\{(\w)\}", r"\\g<\1>", b)) for a, b in pairs]
+
+
+_T5_RULES = _prefix_rules(_T5_NAMES)  # Wan -> transformers
+_T5_INVERSE = _prefix_rules([(b, a) for a, b in _T5_NAMES])  # transformers -> Wan
 
 
 def umt5_config_from_wan(state: dict[str, torch.Tensor]):
