@@ -142,8 +142,16 @@ def world_latents(out: Path, vae: Path | None = None, num_videos: int = Plan.num
     out/latents: what world_teacher, world_tf and world_df read."""
     from sf.world import ASSETS
 
+    vae = Path(vae or ASSETS / "vae.safetensors")
+    made = out / "latents_made_from.json"  # what an earlier call built them from: rebuilt when it differs
+    record = {"num_videos": num_videos, "vae": str(vae.resolve()), "vae_bytes": vae.stat().st_size}
+    if not made.exists() or json.loads(made.read_text()) != record:
+        shutil.rmtree(out / "world" / "train", ignore_errors=True)
+        shutil.rmtree(out / "latents", ignore_errors=True)
     shards, _ = step_world(out, Plan(num_videos=num_videos))
-    return step_latents(out, vae or ASSETS / "vae.safetensors", shards)
+    latents = step_latents(out, vae, shards)
+    made.write_text(json.dumps(record) + "\n")
+    return latents
 
 
 def step_classifier(out: Path, plan: Plan) -> Path:

@@ -129,6 +129,8 @@ def stream(job, sizes: dict, device: torch.device, repeats: int) -> dict:
     noise = torch.randn(1, sizes["num_frames"], net.cfg.in_channels, *sizes["latent_hw"], device=device, dtype=dtype)
     clock, out = Clock(device), {}
     video_frames = vae.video_frames(sizes["num_frames"])
+    if device.type == "cuda":  # the streaming peak, not the job's build and the matmul benchmark
+        torch.cuda.reset_peak_memory_stats(device)
     for name, decode in (("dit", lambda latents: latents[0]), ("with_vae", None)):
         runs = []
         for _ in range(repeats + 1):  # the first is a warm-up (kernel selection, allocator)

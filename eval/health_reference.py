@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     from sf.distill.health import PLOT_KEYS
     from sf.logging import plot_runs
 
-    names = [n for n in RUNS if n.startswith("sf") or args.latents is not None or (args.out / n).is_dir()]
+    names = [n for n in RUNS if n.startswith("sf") or args.latents is not None or
+             (args.plot_only and (args.out / n).is_dir())]
     for name in names:
         run_dir = args.out / name
         if args.plot_only or finished(run_dir):

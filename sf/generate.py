@@ -8,7 +8,8 @@ through the VAE's causal decoder as soon as it is denoised and appended to an mp
 Everything the student was trained with is read from its run: the text encoder (with the run's cached prompt
 table), the VAE, the rollout (step list, chunking, cache window), the latent size and the precision. A run dir
 (its newest complete checkpoint), a checkpoint folder, or a weights file sf-train / sf-export wrote (they carry
-the run's config) all name a run; the EMA weights are used when the run has them. Weights that carry no run
+the run's config) all name a run; the EMA weights are used when the run exported them (with exports off, the
+generator's ZeRO shards are consolidated: the raw weights, not the EMA). Weights that carry no run
 (another project's) take the text encoder and VAE of a Wan model directory (`--wan`), or an open_clip tower, and
 the rollout and latent size from the flags.
 

@@ -87,12 +87,16 @@ def mapped_safetensors(
     return tensors, metadata
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, or its type's name when it has none."""
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
 def exit_with_error(error: BaseException, code: int = 1) -> None:
     """Print `error` as one line, ``error: <first line>``, and exit with `code` (SF_TRACEBACK=1: raise it)."""
     if os.environ.get("SF_TRACEBACK"):
         raise error
-    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    print(f"error: {first_line(error)}", file=sys.stderr, flush=True)
     sys.exit(code)
 
 

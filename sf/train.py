@@ -33,7 +33,7 @@ from sf.logging import log, make_logger, setup_log
 from sf.rundir import RunDirBusy, RunDirLock, die_with_launcher
 from sf.tasks import TASKS, Runtime, make_job
 from sf.tasks.base import compute_dtype
-from sf.tasks.preflight import preflight, resolve
+from sf.tasks.preflight import parameter_count, preflight, resolve
 
 
 def scheduled_lr(base_lr: float, step: int, warmup_steps: int, cooldown_steps: int = 0, max_steps: int = 0) -> float:
@@ -172,19 +172,12 @@ def memory_lines(cfg: TrainConfig, plan, world: int) -> list[str]:
     lines = []
     for section, arch in plan.architectures.items():
         trained = section in job_class.trained_sections
-        per_rank = distributed.model_state_bytes(_parameter_count(arch), cfg.deepspeed.stage, world, trained,
+        per_rank = distributed.model_state_bytes(parameter_count(arch), cfg.deepspeed.stage, world, trained,
                                                  offload=cfg.deepspeed.offload_optimizer)
         size = f"{per_rank / 2**30:.2f} GiB" if per_rank >= 2**30 else f"{per_rank / 2**20:.1f} MiB"
         lines.append(f"memory: {section} ({'trained' if trained else 'frozen'}) ~{size} of model states per rank "
                      f"at ZeRO-{cfg.deepspeed.stage} (DeepSpeed's estimate; activations extra)")
     return lines
-
-
-def _parameter_count(arch) -> int:
-    from sf.models.dit import VideoDiT
-
-    with torch.device("meta"):
-        return sum(p.numel() for p in VideoDiT(arch).parameters())
 
 
 def _train(cfg: TrainConfig, run_dir: Path, d) -> dict:

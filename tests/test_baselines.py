@@ -67,4 +67,4 @@ def test_the_world_baseline_recipes_train_on_world_latents(tmp_path):
                   nproc=1, timeout=600)
         rows = read_metrics(run_dir)
         assert [r["step"] for r in rows] == [1, 2] and "loss/generator" in rows[0]
-        assert 0 <= rows[1]["health/oracle_score"] <= 1
+        assert 0 <= rows[1]["health/video_score"] <= 1

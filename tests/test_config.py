@@ -143,3 +143,12 @@ def test_an_unknown_task_is_one_line_listing_the_known_ones(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: unknown task 'bogus'; the known tasks are distill, ode, "
                                                   "teacher, vae"]
+
+
+def test_a_codec_the_user_names_is_kept_when_the_kind_is_auto():
+    from sf.tasks.preflight import resolve
+
+    cfg = resolve(to_train_config(composed("experiment=smoke", "codec.checkpoint=/path/to/vae.safetensors")))
+    assert (cfg.codec.kind, cfg.codec.checkpoint) == ("wan", "/path/to/vae.safetensors")
+    plain = resolve(to_train_config(composed("experiment=smoke")))
+    assert (plain.codec.kind, plain.codec.checkpoint) == ("identity", None)  # random teacher: latent previews

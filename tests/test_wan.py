@@ -80,6 +80,23 @@ def test_both_layouts_give_the_same_umt5_up_to_the_bf16_file(wan):
     assert diffusers.tokenizer(PROMPTS).input_ids == original.tokenizer(PROMPTS).input_ids
 
 
+def test_original_files_of_something_else_are_one_line_errors(wan, tmp_path):
+    """A .pth where Wan's VAE or T5 should be, holding other tensors: ValueError naming the file, no traceback."""
+    from sf.models.text import load_umt5, umt5_width
+    from sf.models.vae import load_wan_vae
+
+    other = tmp_path / "other"
+    shutil.copytree(wan["original"], other)
+    for name in ("Wan2.1_VAE.pth", "models_t5_umt5-xxl-enc-bf16.pth"):
+        torch.save({"something.weight": torch.zeros(2, 2)}, other / name)
+    with pytest.raises(ValueError, match=r"Wan2.1_VAE.pth: not a Wan VAE state dict"):
+        load_wan_vae(other)
+    with pytest.raises(ValueError, match=r"enc-bf16.pth: not a Wan T5 encoder state dict"):
+        load_umt5(other)
+    with pytest.raises(ValueError, match=r"enc-bf16.pth: not a Wan T5 encoder state dict"):
+        umt5_width(other)
+
+
 def test_umt5_features_are_the_diffusers_wan_pipeline_s(wan):
     """512 tokens, features zeroed past each prompt's mask: what WanPipeline conditions its transformer on."""
     from diffusers import WanPipeline

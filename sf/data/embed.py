@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -71,10 +72,13 @@ def embed_prompts(
         part = prompts[i * samples_per_shard:(i + 1) * samples_per_shard]
         items = [{"prompt": p, "key": f"{i * samples_per_shard + j:09d}"} for j, p in enumerate(part)]
         tmp = out / f".tmp-{rank}"
+        shutil.rmtree(tmp, ignore_errors=True)  # what a killed run of this rank left half-written
         written = write_prompt_shards(items, str(tmp), samples_per_shard=len(items) or 1, encoder=encoder,
                                       batch_size=batch_size, feature_dtype=torch.bfloat16,
                                       prefix=f"shard{i:06d}", progress=progress)
-        os.replace(written[0], out / _shard_name(i))  # complete: a re-run skips it
+        for k, extra in enumerate(written[1:], start=1):  # the writer's size cap split the shard: keep every part
+            os.replace(extra, out / _shard_name(i).replace(".tar", f"-{k}.tar"))
+        os.replace(written[0], out / _shard_name(i))  # last: its name marks the shard complete, a re-run skips it
         tmp.rmdir()
     return record
 
@@ -89,7 +93,8 @@ def _check_record(path: Path, record: dict) -> None:
         return
     old = json.loads(path.read_text())
     for key, what in (("source", "prompt file"), ("model", "model"), ("max_length", "text length"),
-                      ("samples_per_shard", "shard size"), ("negative_prompt", "negative prompt")):
+                      ("samples_per_shard", "shard size"), ("negative_prompt", "negative prompt"),
+                      ("sample_prompts", "set of sample prompts")):
         was, now = old.get(key), record[key]
         if key == "source":
             was, now = (was or {}).get("sha256"), now["sha256"]

@@ -19,8 +19,9 @@ prompt to `horizon_factor` x the training length (rolling cache of the training 
                                the critic diverges (docs/health.md has both measured)
 
 On the embedded world (`health.world`) the prompts are the world's `val` captions and the decoded videos are also
-scored by the exact oracle: `health/oracle_score` and its components on the training length, and
-`health/oracle_early` / `health/oracle_late` on the first and last 16-frame window of the long rollout.
+scored by the exact oracle: `health/video_score` (the geometric mean of the three per-video components, which
+are logged too; sf-eval's `oracle_score` also has the set's fidelity) on the training length, and
+`health/video_score_early` / `_late` on the first and the last whole 16-frame window of the long rollout.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from sf.schema import at_least
 
 
 # what a health plot shows (`sf.logging.plot_runs`): the world's scores where logged, then the model-agnostic signals
-PLOT_KEYS = ["health/oracle_score", "health/oracle_late", "health/chunk_change_early", "health/motion_ratio",
+PLOT_KEYS = ["health/video_score", "health/video_score_late", "health/chunk_change_early", "health/motion_ratio",
              "health/std_ratio", "health/static_fraction", "health/critic_gap", "loss/critic"]
 
 
@@ -46,7 +47,7 @@ class HealthConfig:
 
     every: int = field(default=0, metadata=at_least(0))  # steps between checks; 0: never
     num_prompts: int = field(default=4, metadata=at_least(1))
-    horizon_factor: int = field(default=2, metadata=at_least(1))  # rollouts this many times the training length
+    horizon_factor: int = field(default=2, metadata=at_least(2))  # rollouts this many times the training length
     static_threshold: float = field(default=0.02, metadata=at_least(0))  # relative frame change of a static video
     noise_levels: list = field(default_factory=lambda: [250, 500, 750])  # t where critic and teacher are compared
     world: bool = False  # prompts from the world's val split, and the oracle's terms

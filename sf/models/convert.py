@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from sf.io import mapped_safetensors, read_json_object
+from sf.io import first_line, mapped_safetensors, read_json_object
 from sf.models.dit import FLAVORS, DiTConfig, VideoDiT
 
 FORMATS = ("sf", "diffusers", "wan")
@@ -115,10 +115,10 @@ def _read_weights_file(path: Path, lazy: bool = False) -> tuple[dict[str, torch.
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=lazy)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise CheckpointError(f"{path}: refusing to unpickle arbitrary objects ({first}); convert it to safetensors") from None
     except Exception as e:  # torch raises several types for files that are not checkpoints at all
-        raise CheckpointError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {first_line(e)})") from None
     for key in ("state_dict", "generator_ema", "generator", "model"):  # common training-checkpoint nestings
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

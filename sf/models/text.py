@@ -31,6 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sf.io import first_line
+
 TINY_CLIP = "sf-tiny-clip"
 
 # Our open_clip architectures (open_clip's JSON config format); registered on first use.
@@ -252,12 +254,15 @@ def load_umt5(path: str | Path, device="cpu", dtype: torch.dtype = torch.float32
         try:
             encoder = UMT5EncoderModel.from_pretrained(str(encoder_path), local_files_only=True, dtype=dtype)
         except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: weights of other shapes than its config
-            raise ValueError(f"{encoder_path}: not a loadable UMT5 encoder ({str(e).splitlines()[0]})") from None
+            raise ValueError(f"{encoder_path}: not a loadable UMT5 encoder ({first_line(e)})") from None
     else:  # the original layout: Wan's own T5 module names
         state = read_torch_weights(encoder_path)
-        with torch.device("meta"):
-            encoder = UMT5EncoderModel(umt5_config_from_wan(state))
-        encoder.load_state_dict(wan_t5_to_transformers(state), assign=True, strict=True)
+        try:
+            with torch.device("meta"):
+                encoder = UMT5EncoderModel(umt5_config_from_wan(state))
+            encoder.load_state_dict(wan_t5_to_transformers(state), assign=True, strict=True)
+        except (KeyError, RuntimeError) as e:  # names or shapes of something else
+            raise ValueError(f"{encoder_path}: not a Wan T5 encoder state dict ({first_line(e)})") from None
         encoder = encoder.to(dtype)
     return UMT5TextEncoder(encoder.to(device), tokenizer, max_length, source=str(path))
 
@@ -272,7 +277,10 @@ def umt5_width(path: str | Path) -> int:
         config = read_json(encoder / "config.json")
         vocab, width = int(config["vocab_size"]), int(config["d_model"])
     else:
-        vocab, width = read_torch_weights(encoder)["token_embedding.weight"].shape  # memory-mapped: shapes only
+        state = read_torch_weights(encoder)  # memory-mapped: shapes only
+        if "token_embedding.weight" not in state:
+            raise ValueError(f"{encoder}: not a Wan T5 encoder state dict (no token_embedding.weight)")
+        vocab, width = state["token_embedding.weight"].shape
     check_vocab(len(tokenizer), int(vocab), str(path))
     return int(width)
 
@@ -291,7 +299,7 @@ def _umt5_parts(path: str | Path) -> tuple[Path, Path, Any]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path), local_files_only=True)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{tokenizer_path}: not a loadable tokenizer ({str(e).splitlines()[0]})") from None
+        raise ValueError(f"{tokenizer_path}: not a loadable tokenizer ({first_line(e)})") from None
     return path, encoder_path, tokenizer
 
 

@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import save_file
 
-from sf.io import read_safetensors
+from sf.io import first_line, read_json_object, read_safetensors
 
 _FORMAT_KEY = "sf_codec"  # safetensors metadata: the codec kind; its presence marks a codec file
 _CONFIG_KEY = "sf_codec_config"  # safetensors metadata: json of the codec's constructor config
@@ -452,11 +452,11 @@ def codec_from_config(cfg: CodecConfig | dict) -> VideoCodec:
 
 
 def read_json_or_empty(path: Path) -> dict:
+    """A JSON object file, or {} when it is missing or not one."""
     try:
-        raw = json.loads(path.read_text())
+        return read_json_object(path)
     except (OSError, ValueError):
         return {}
-    return raw if isinstance(raw, dict) else {}
 
 
 def load_wan_vae(path: str | Path) -> WanVAE:
@@ -481,14 +481,17 @@ def load_wan_vae(path: str | Path) -> WanVAE:
         try:
             return WanVAE.from_diffusers(AutoencoderKLWan.from_pretrained(str(folder), local_files_only=True))
         except (OSError, ValueError) as e:
-            raise ValueError(f"{folder}: not a loadable AutoencoderKLWan ({str(e).splitlines()[0]})") from None
+            raise ValueError(f"{folder}: not a loadable AutoencoderKLWan ({first_line(e)})") from None
     state = read_torch_weights(folder)
-    config = wan_vae_config(state)
-    released = WAN_VAE_CONFIGS["wan2.1"]
-    if all(config[k] == released[k] for k in ("base_dim", "z_dim", "num_res_blocks")):
-        config.update(latents_mean=released["latents_mean"], latents_std=released["latents_std"])
-    codec = WanVAE(config)
-    codec.vae.load_state_dict(wan_vae_to_diffusers(state), strict=True)
+    try:
+        config = wan_vae_config(state)
+        released = WAN_VAE_CONFIGS["wan2.1"]
+        if all(config[k] == released[k] for k in ("base_dim", "z_dim", "num_res_blocks")):
+            config.update(latents_mean=released["latents_mean"], latents_std=released["latents_std"])
+        codec = WanVAE(config)
+        codec.vae.load_state_dict(wan_vae_to_diffusers(state), strict=True)
+    except (KeyError, RuntimeError) as e:  # names or shapes of something else
+        raise ValueError(f"{folder}: not a Wan VAE state dict ({first_line(e)})") from None
     return codec
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from sf.io import read_json_object
+from sf.io import first_line, read_json_object
 
 # Wan's standard negative prompt (wan_shared_cfg.sample_neg_prompt; the Self-Forcing recipe uses the same)
 WAN_NEGATIVE_PROMPT = (
@@ -86,7 +86,8 @@ def wan_files(path: str | Path) -> WanFiles:
 
 
 def is_model_dir(path: str | Path | None) -> bool:
-    """Whether `path` is a directory holding a Wan model (rather than a single weights file)."""
+    """Whether `path` names a directory (the form a Wan model takes, as opposed to a single weights file); what
+    it holds is `wan_files`'s to check."""
     return path is not None and Path(path).is_dir()
 
 
@@ -273,7 +274,7 @@ def read_torch_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # torch raises several types for files that are not checkpoints
-        raise WanDirError(f"{path}: not a loadable state dict ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        raise WanDirError(f"{path}: not a loadable state dict ({type(e).__name__}: {first_line(e)})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WanDirError(f"{path}: expected a dict of tensors")
     return state

@@ -52,7 +52,7 @@ class Job:
     roles: dict[str, Trainable]  # trained: LR-scheduled, checkpointed, exported
     frozen: dict[str, torch.nn.Module]  # only called: fingerprinted at start and end, must not change
     ema: EMA | None = None
-    bank: SampleBank | None = None  # in-memory data (teacher, ode, vae); the distill task streams prompts instead
+    bank: SampleBank | None = None  # in-memory data (teacher, ode, vae, the forcing baselines); else prompts stream
 
     def __init__(self, cfg: TrainConfig, runtime: Runtime):
         self.cfg, self.task, self.runtime = cfg, cfg.task, runtime

@@ -189,11 +189,15 @@ class DistillJob(Job):
             from sf.data.bank import SampleBank
             from sf.data.latents import decode_latent_sample
 
-            self.bank = SampleBank(cfg.data.shards, decode_latent_sample, "latent samples")  # shapes: preflight
-        self.text = build_text_encoder(cfg, self.device)
+            self.bank = SampleBank(cfg.data.shards, decode_latent_sample, "latent samples")
+            shapes = {tuple(sample["latents"].shape) for sample in self.bank.samples}  # preflight read one
+            if shapes != {self.latent}:
+                raise ValueError(f"data.shards: latents of {cfg.data.shards} are {sorted(shapes)}, the "
+                                 f"{task.context} rollout needs {self.latent}")
+        self.text = build_text_encoder(cfg, self.device, self.dtype)
         # what sample videos show: the prompt table's sample prompts (sf-embed), else the first prompt seen
         self.sample_prompts: list[str] = list(self.text.sample_prompts)
-        self.health_prompts: list[str] | None = None
+        self.health_prompts: dict | None = None  # the health check's batch, built at its first use
 
     @property
     def num_skipped(self):
@@ -302,15 +306,17 @@ class DistillJob(Job):
                        cfg.trainer.grad_accum_steps)
         return self.finish_update(out, self.critic, step)
 
-    def stream_videos(self, prompts: list[str], rollout: RolloutConfig, seed: int) -> torch.Tensor:
-        """Latents (B, F, C, h, w) the current generator streams for `prompts` over its cache, all steps, from
-        noise seeded by `seed` (every rank runs it: ZeRO-3 forwards are collective)."""
-        cond, _ = self.text_features({"prompt": prompts})
+    def stream_videos(self, batch: dict, rollout: RolloutConfig, seed: int) -> torch.Tensor:
+        """Latents (B, F, C, h, w) the current generator streams for a batch of prompts (with their cached
+        features, if any) over its cache, all steps, from noise seeded by `seed` (every rank runs it: ZeRO-3
+        forwards are collective)."""
+        cond, _ = self.text_features(batch)
         noise = torch.stack([torch.randn((rollout.num_frames, *self.latent[1:]),
-                                         generator=torch.Generator().manual_seed(seed + i)) for i in range(len(prompts))])
+                                         generator=torch.Generator().manual_seed(seed_for(seed, "noise", i)))
+                             for i in range(cond.shape[0])])
         student = self.generator.module
         return generate(student, student.new_cache, noise.to(self.device, self.dtype), cond, rollout,
-                        rng=torch.Generator(device=self.device).manual_seed(seed))
+                        rng=torch.Generator(device=self.device).manual_seed(seed_for(seed, "renoise")))
 
     @torch.no_grad()
     def log_media(self, step: int, logger) -> None:
@@ -318,14 +324,16 @@ class DistillJob(Job):
         if not self.sample_prompts:
             return
         for i, prompt in enumerate(self.sample_prompts):
-            video = self.stream_videos([prompt], self.task.rollout, self.cfg.seed + i)
+            video = self.stream_videos({"prompt": [prompt]}, self.task.rollout, self.cfg.seed + i)
             if self.dist.is_main:
                 logger.log_video(step, "sample" if i == 0 else f"sample_{i}", self.decode()(video[0]), caption=prompt)
 
     def decode(self):
-        """latents (F, C, h, w) -> a video to look at (`video_decoder`), built once."""
+        """latents (F, C, h, w) -> a video to look at (`video_decoder`), built once, on rank 0 only, without
+        touching the global RNG (which every rank checkpoints: building a codec initialises layers from it)."""
         if not hasattr(self, "_decode"):
-            self._decode = video_decoder(self.cfg, self.device)
+            with torch.random.fork_rng(devices=[]):
+                self._decode = video_decoder(self.cfg, self.device)
         return self._decode
 
     @torch.no_grad()
@@ -335,52 +343,61 @@ class DistillJob(Job):
         health, task, cfg = self.task.health, self.task, self.cfg
         if not health.every or step % health.every:
             return {}
-        prompts = self._health_prompts()
+        batch = self._health_batch()
         long = replace(task.rollout, num_frames=task.rollout.num_frames * health.horizon_factor,
                        local_attn_frames=task.rollout.local_attn_frames or task.rollout.num_frames)
-        latents = self.stream_videos(prompts, long, seed_for(cfg.seed, "health"))  # (K, F', C, h, w)
+        latents = self.stream_videos(batch, long, seed_for(cfg.seed, "health"))  # (K, F', C, h, w)
         out = latent_signals(latents, task.rollout.num_frames, task.rollout.frames_per_block, health.static_threshold)
-        cond, uncond = self.text_features({"prompt": prompts})
+        cond, uncond = self.text_features(batch)
         with self.critic.frozen() as critic:
             out.update(critic_gap(x0_predictor(in_dtype(self.teacher, self.dtype), cond, task.cfg_scale, uncond),
                                   x0_predictor(in_dtype(critic, self.dtype), cond),
                                   latents[:, :task.rollout.num_frames].to(self.dtype), health.noise_levels,
                                   seed=seed_for(cfg.seed, "health/gap")))
         if health.world:
-            out.update(self._world_terms(latents, prompts))
+            out.update(self._world_terms(latents, batch["prompt"]))
         return {f"health/{k}": v for k, v in out.items()}
 
-    def _health_prompts(self) -> list[str]:
-        """The fixed prompts of the health check: the world's val captions, else the sample prompts topped up by
-        rank 0's first prompts (broadcast: every rank checks the same)."""
+    def _health_batch(self) -> dict:
+        """The fixed prompts of the health check, as a batch: the world's val captions; else the prompt table's
+        sample prompts topped up by the data's first prompts (with their cached features). Every rank builds the
+        same, and a resumed run the same as the uninterrupted one."""
         if self.health_prompts is None:
             count = self.task.health.num_prompts
             if self.task.health.world:
                 from sf.world.health import health_captions
 
-                prompts = health_captions(count)
+                self.health_prompts = {"prompt": health_captions(count)}
             else:
-                prompts = list(self.sample_prompts[:count])
-                if len(prompts) < count:
-                    prompts += self._first_prompts(count - len(prompts))
-            self.health_prompts = distributed.broadcast_object(prompts)
+                from sf.data.prompts import prompt_features
+
+                table = {"prompt": list(self.text.sample_prompts[:count])}
+                parts = [b for b in (table, self._first_prompts(count - len(table["prompt"]))) if b["prompt"]]
+                encoded = []
+                for part in parts:  # the table's from the table, the data's from its own cache (or the encoder)
+                    features, mask = prompt_features(self.text, part)
+                    encoded.append({"prompt": part["prompt"], "features": features.cpu(), "mask": mask.cpu()})
+                self.health_prompts = _concat_batches(encoded)
         return self.health_prompts
 
-    def _first_prompts(self, count: int) -> list[str]:
-        """The first `count` prompts of the data in its own order, read without moving the training stream (whose
-        position is checkpointed); fewer when the data holds fewer."""
+    def _first_prompts(self, count: int) -> dict:
+        """The first `count` prompts of the data in its own order (with their cached features), read without
+        moving the training stream (whose position is checkpointed); fewer when the data holds fewer."""
+        if count <= 0:
+            return {"prompt": []}
         if self.bank is not None:
-            return [s["prompt"] for s in self.bank.samples[:count]]
+            return {"prompt": [s["prompt"] for s in self.bank.samples[:count]]}
         from itertools import islice
 
         from sf.data.prompts import PromptStream
 
-        prompts = []
+        batches, seen = [], 0
         for batch in islice(PromptStream(replace(self.stream.cfg, num_workers=0), rank=0, world_size=1), count):
-            prompts += batch["prompt"]  # at least one per batch
-            if len(prompts) >= count:
+            batches.append(batch)  # at least one prompt each
+            seen += len(batch["prompt"])
+            if seen >= count:
                 break
-        return prompts[:count]
+        return _slice_batch(_concat_batches(batches), count)
 
     def _world_terms(self, latents: torch.Tensor, prompts: list[str]) -> dict:
         """The oracle's terms of the decoded health videos (rank 0 scores them, every rank gets the result)."""
@@ -395,3 +412,16 @@ class DistillJob(Job):
             per_latent = (videos.shape[1] - 1) // (latents.shape[1] - 1)  # the codec's temporal compression
             terms = oracle_terms(videos, prompts, 1 + per_latent * (self.task.rollout.num_frames - 1))
         return distributed.broadcast_object(terms)
+
+
+def _concat_batches(batches: list[dict]) -> dict:
+    """Prompt batches joined; features kept only when every batch has them (of one length: fitted)."""
+    out = {"prompt": [p for b in batches for p in b["prompt"]]}
+    if batches and all("features" in b for b in batches):
+        out["features"] = torch.cat([b["features"] for b in batches])
+        out["mask"] = torch.cat([b["mask"] for b in batches])
+    return out
+
+
+def _slice_batch(batch: dict, count: int) -> dict:
+    return {k: v[:count] for k, v in batch.items() if k in ("prompt", "features", "mask")}

@@ -87,7 +87,7 @@ class OdeJob(Job):
     def __init__(self, cfg, runtime):
         super().__init__(cfg, runtime)
         task = self.task
-        self.text = build_text_encoder(cfg, self.device)
+        self.text = build_text_encoder(cfg, self.device, self.dtype)
         # the student starts as the teacher (its weights and architecture) unless it has a checkpoint of its own
         student = (build_net(cfg.model, cfg.seed + 1, self.dtype) if cfg.model.checkpoint
                    else build_net(cfg.teacher, cfg.seed, self.dtype))

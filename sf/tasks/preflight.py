@@ -31,6 +31,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     text = cfg.text
     if text.kind == "auto":
         candidate = text.pretrained if is_model_dir(text.pretrained) else None if text.pretrained else teacher_dir
+        if candidate is not None and Path(candidate).name == "text_encoder":  # a Wan directory's own part
+            candidate = str(Path(candidate).parent)
         has_t5 = candidate is not None and _has(candidate, "text_encoder")
         text = dataclasses.replace(text, kind="umt5" if has_t5 else "open_clip",
                                    pretrained=candidate if has_t5 else text.pretrained)
@@ -42,7 +44,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if text.max_length is None:
         text = dataclasses.replace(text, max_length=_own_length(cfg, text))
     codec = cfg.codec
-    if codec.kind == "auto":
+    if codec.kind == "auto" and codec.checkpoint:  # the user's own VAE (a codec file or a Wan VAE)
+        codec = dataclasses.replace(codec, kind="wan")
+    elif codec.kind == "auto":
         vae = teacher_dir if teacher_dir is not None and wan_files(teacher_dir).vae is not None else None
         codec = dataclasses.replace(codec, kind="wan" if vae else "identity", checkpoint=vae)
     return dataclasses.replace(cfg, text=text, codec=codec)
@@ -121,8 +125,8 @@ def net_architecture(net: NetConfig, what: str) -> DiTConfig:
 
 
 def _check_rollout_latents(cfg: TrainConfig, shards: list[str], channels: int) -> None:
-    """The first readable sample of latent shards has the shape the student's rollout generates (the forcing
-    baselines put these real latents into its cache)."""
+    """The first readable sample of the first latent shard has the shape the student's rollout generates (the
+    forcing baselines put these real latents into its cache); the job's own check covers the rest."""
     from sf.data.latents import decode_latent_sample
     from sf.data.shards import CorruptSample, iter_samples
 
@@ -159,7 +163,7 @@ def preflight(cfg: TrainConfig, world_size: int, networks: tuple[str, ...], data
         plan.architectures["critic"] = net_architecture(source, "teacher" if cfg.critic.init_from_teacher else "critic")
     for name, arch in plan.architectures.items():
         plan.lines.append(f"{name}: {arch.num_layers} layers, dim {arch.dim}, text_dim {arch.text_dim}, "
-                          f"{_parameters(arch) / 1e6:.1f} M parameters ({_source(cfg, name)})")
+                          f"{parameter_count(arch) / 1e6:.1f} M parameters ({_source(cfg, name)})")
 
     # -- data: enough shards for every rank
     if cfg.data.shards.endswith(".txt") and data in ("prompts", "captions"):
@@ -240,7 +244,8 @@ def _source(cfg: TrainConfig, name: str) -> str:
     return f"random {net.flavor}"
 
 
-def _parameters(arch: DiTConfig) -> int:
+def parameter_count(arch: DiTConfig) -> int:
+    """Parameters of a VideoDiT of `arch`, counted on the meta device (nothing allocated)."""
     import torch
 
     from sf.models.dit import VideoDiT

@@ -59,7 +59,7 @@ class TeacherJob(Job):
         self.net = self.train_role(net, "teacher", cfg.model.gradient_checkpointing)
         self.make_ema(self.net, self.task.ema)
         self.bank = SampleBank(cfg.data.shards, decode_latent_sample, "latent samples")
-        self.text = build_text_encoder(cfg, self.device)
+        self.text = build_text_encoder(cfg, self.device, self.dtype)
         latents = self.bank.samples[0]["latents"]
         if latents.shape[1] != net.cfg.in_channels:
             raise ValueError(f"latents of {cfg.data.shards} have {latents.shape[1]} channels, the model takes "

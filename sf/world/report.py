@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sf.logging import plot_metrics, plot_runs
+from sf.logging import plot_metrics, plot_runs, read_metrics
 from sf.video import grid, save_video, side_by_side, to_uint8
 
 MODELS = ("teacher", "ode_init", "student")  # the demo's models, in the order the report shows them
@@ -65,8 +65,9 @@ def write_report(
         from sf.distill.health import PLOT_KEYS
 
         written["losses"] = plot_metrics(metrics_path, out_dir / "plots" / "losses.png")
-        written["health"] = plot_runs({"student": metrics_path}, PLOT_KEYS, out_dir / "plots" / "health.png",
-                                      "the student's health during training (docs/health.md)")
+        if any(key.startswith("health/") for row in read_metrics(metrics_path) for key in row):  # checks were on
+            written["health"] = plot_runs({"student": metrics_path}, PLOT_KEYS, out_dir / "plots" / "health.png",
+                                          "the student's health during training (docs/health.md)")
     if history:
         written["metric_vs_step"] = plot_metric_vs_step(history, out_dir / "plots" / "metric_vs_step.png")
     if drift:
