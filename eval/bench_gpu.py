@@ -6,15 +6,15 @@
    architecture). The median of --stream-repeats after one warm-up video.
 2. One generator step and one critic step of the distillation itself: `sf.tasks.distill.DistillJob` built
    from experiment=wan1.3b_selfforcing (teacher, generator and critic at wan-1.3b, DeepSpeed ZeRO-2 bf16 engines
-   with their fp32 masters, critic activation checkpointing, 512 text tokens), on one rank. For each: wall
+   with their fp32 masters, the recipe's activation checkpointing, 512 text tokens), on one rank. For each: wall
    time, peak GPU memory, and achieved TFLOP/s (FLOPs counted by torch.utils.flop_counter on the same step,
    whose exit step is a function of the step index) against a bf16 matmul peak measured in the same run.
 
-    python -m eval.bench_gpu --out docs/figures                 # the GPU run (about 5 minutes on one H100/H200)
+    python -m eval.bench_gpu --out docs/figures                 # the GPU run (meant to fit 8 minutes; not yet measured)
     python -m eval.bench_gpu --tiny --out /tmp/b                # the same code at toy size on the CPU (the test)
 
-Targets (docs/benchmarks.md): stream faster than the reference's 17 FPS and its 0.69 s first-chunk latency on one
-H100, decoding included.
+Targets (docs/benchmarks.md): stream faster than the 17 FPS and 0.69 s first-chunk latency the Self-Forcing paper
+reports for its Wan-1.3B student on one H100, decoding included.
 """
 
 from __future__ import annotations
